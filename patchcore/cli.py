@@ -1,0 +1,232 @@
+"""Command line: ``patchcore fit | predict | evaluate | info``.
+
+Model flags map one to one onto :class:`PatchCoreConfig` fields (``--coreset-ratio`` -> ``coreset_ratio``).
+Problems the user can fix end in one ``patchcore: error: ...`` line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from . import __version__
+from .config import CORESET_METHODS, NORMALIZATIONS, SCORING_MODES, PatchCoreConfig
+from .errors import PatchCoreError
+
+logger = logging.getLogger("patchcore")
+
+CHOICES = {"scoring": SCORING_MODES, "coreset_method": CORESET_METHODS, "normalization": NORMALIZATIONS}
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3  # predict wrote results, but some inputs could not be read
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "") else int(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per PatchCoreConfig field; absent flags leave no attribute, so only given flags override."""
+    group = parser.add_argument_group("model settings (saved in the model file)")
+    hints = typing.get_type_hints(PatchCoreConfig)
+    for field in dataclasses.fields(PatchCoreConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = str(hints[field.name])
+        kwargs: dict = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"default: {field.default}"}
+        if field.name == "layers":
+            kwargs.update(nargs="+", metavar="LAYER", help="feature layers, finest first (default: the backbone's)")
+        elif field.name in CHOICES:
+            kwargs.update(choices=CHOICES[field.name])
+        elif "None" in hint and "int" in hint:
+            kwargs.update(type=_optional_int, metavar="N|none")
+        elif "int" in hint:
+            kwargs.update(type=int)
+        elif "float" in hint:
+            kwargs.update(type=float)
+        group.add_argument(flag, **kwargs)
+
+
+def given_settings(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(PatchCoreConfig) if hasattr(args, f.name)}
+
+
+def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
+    return PatchCoreConfig(**given_settings(args))
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime (never changes results)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    group.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default: 16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchcore", description="PatchCore anomaly detection (Roth et al., 2022).")
+    parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fit a model on good images")
+    fit.add_argument("data", metavar="DATA", help="MVTec-layout category (its train/good), a folder of good images, or 'textile'")
+    fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    add_config_flags(fit)
+    add_runtime_flags(fit)
+
+    predict = sub.add_parser("predict", help="score images with a fitted model")
+    predict.add_argument("model", metavar="MODEL")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
+    predict.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    predict.add_argument("--maps", action="store_true", help="write OUT/maps/<relative path>.npy anomaly maps")
+    add_runtime_flags(predict)
+
+    evaluate = sub.add_parser("evaluate", help="fit on the training split (or load --model) and evaluate on the test split")
+    evaluate.add_argument("data", metavar="DATA", help="MVTec-layout category or 'textile'")
+    evaluate.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    evaluate.add_argument("--model", metavar="MODEL", help="evaluate this model instead of fitting one")
+    add_config_flags(evaluate)
+    add_runtime_flags(evaluate)
+
+    info = sub.add_parser("info", help="print a model file's settings and provenance")
+    info.add_argument("model", metavar="MODEL")
+    return parser
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .data import open_dataset
+    from .model import PatchCore
+
+    config = config_from_args(args)
+    dataset = open_dataset(args.data)
+    model = PatchCore(config, device=args.device, batch_size=args.batch_size, progress=True).fit(dataset.train)
+    model.save(args.output)
+    stats = model.fit_stats_
+    logger.info(
+        "fitted on %d images in %.1f s: memory bank %d of %d patches; wrote %s",
+        model.n_train_, stats["fit_seconds"], model.memory_bank_.shape[0], stats["full_bank_size"], args.output,
+    )
+    return 0
+
+
+def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(image path, path relative to its INPUT) for every image named or found under a folder."""
+    from .images import list_images
+
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise PatchCoreError(f"{path}: no images in this folder")
+            found += [(p, p.relative_to(path)) for p in images]
+        elif path.exists():
+            found.append((path, Path(path.name)))
+        else:
+            raise PatchCoreError(f"{path}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    for image, relative in found:
+        if relative in seen and seen[relative] != image:
+            raise PatchCoreError(f"{image} and {seen[relative]} would write the same map name {relative}: predict them separately")
+        seen[relative] = image
+    return found
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .images import load_image, map_to_original
+    from .model import PatchCore
+    from .reports import write_csv, write_npy
+
+    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=True)
+    inputs = collect_inputs(args.inputs)
+    out = Path(args.output)
+    rows: list[dict] = []
+    failed = 0
+    batch: list[tuple[Path, Path, np.ndarray]] = []
+
+    def flush() -> None:
+        images = [image for _, _, image in batch]
+        results = model.predict_with_input_maps(images) if args.maps else ((s, None, None) for s in model.score_samples(images))
+        for (path, relative, _), (score, amap, geometry) in zip(batch, results):
+            if args.maps:
+                write_npy(out / "maps" / relative.with_suffix(".npy"), map_to_original(amap, geometry).astype(np.float32))
+            rows.append({"path": str(path), "score": float(score), "error": ""})
+        batch.clear()
+
+    for path, relative in inputs:
+        try:
+            batch.append((path, relative, load_image(path)))
+        except PatchCoreError as exc:
+            failed += 1
+            print(f"patchcore: error: {exc}", file=sys.stderr)
+            rows.append({"path": str(path), "score": None, "error": str(exc)})
+        if len(batch) >= args.batch_size:
+            flush()
+    if batch:
+        flush()
+    order = {str(p): i for i, (p, _) in enumerate(inputs)}
+    rows.sort(key=lambda row: order[row["path"]])
+    write_csv(out / "scores.csv", ["path", "score", "error"], rows)
+    logger.info("scored %d of %d images; wrote %s", len(rows) - failed, len(rows), out / "scores.csv")
+    if failed:
+        print(f"patchcore: error: {failed} of {len(rows)} images could not be read (see the error column of {out / 'scores.csv'})", file=sys.stderr)
+        return EXIT_PARTIAL
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import open_dataset
+    from .evaluation import evaluate
+    from .model import PatchCore
+    from .reports import write_csv, write_json
+
+    dataset = open_dataset(args.data)
+    if not dataset.test:
+        raise PatchCoreError(f"{args.data}: no test split to evaluate; use an MVTec-layout folder with test/<type>/ images, or 'textile'")
+    if args.model:
+        if given_settings(args):
+            raise PatchCoreError("--model takes its settings from the model file: drop the model settings flags")
+        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=True)
+    else:
+        config = config_from_args(args)
+        model = PatchCore(config, device=args.device, batch_size=args.batch_size, progress=True).fit(dataset.train)
+    metrics, rows = evaluate(model, dataset)
+    metrics["config"] = model.config.to_dict()
+    out = Path(args.output)
+    write_csv(out / "scores.csv", ["path", "score", "label", "defect_type"], rows)
+    write_json(out / "metrics.json", metrics)
+    summary = {k: v for k, v in metrics.items() if k != "config"}
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .serialization import read_header
+
+    print(json.dumps(read_header(args.model), indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.command in ("fit", "evaluate", "predict") and args.verbose is False:
+        logging.getLogger("patchcore").setLevel(logging.INFO)
+    commands = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info}
+    try:
+        return commands[args.command](args)
+    except PatchCoreError as exc:
+        print(f"patchcore: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("patchcore: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

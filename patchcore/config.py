@@ -1,0 +1,104 @@
+"""The settings of a PatchCore model: one frozen dataclass, saved inside every model file.
+
+Command-line flags map one to one onto these fields (``--coreset-ratio`` -> ``coreset_ratio``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PatchCoreError
+
+SCORING_MODES = ("paper", "official")
+CORESET_METHODS = ("greedy", "random")
+NORMALIZATIONS = ("backbone", "imagenet")
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """Every setting that changes what a model computes.
+
+    backbone, layers, weights: feature extractor (see ``patchcore.backbones``); layers None = its defaults.
+    normalization: "backbone" feeds the backbone the statistics it was trained with (the right thing);
+        "imagenet" forces ImageNet mean/std (what peer tools do for every backbone; for comparisons).
+    resize, crop: images are resized to resize x resize, then center-cropped to crop x crop (None: no crop).
+    patch_size: p of the p x p neighbourhood averaged around each feature position.
+    target_dim: None keeps every channel of every level (concatenated); an int reduces each level and then
+        the stack to that many dimensions by adaptive average pooling, like the official code (1024).
+    coreset_method, coreset_ratio, coreset_size, projection_dim: memory-bank subsampling; an absolute
+        coreset_size wins over coreset_ratio.
+    scoring: "paper" (L2 distance, image score = max patch score reweighted by eq. 7 over
+        num_neighbors bank neighbours) or "official" (squared L2, patch score = mean over the k nearest,
+        image score = max), see README.
+    sigma: Gaussian smoothing of anomaly maps, in pixels of the model input.
+    seed: seeds every random choice (projection, coreset start, random coreset).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] | None = None
+    weights: str | None = None
+    normalization: str = "backbone"
+    resize: int = 256
+    crop: int | None = None
+    patch_size: int = 3
+    target_dim: int | None = None
+    coreset_method: str = "greedy"
+    coreset_ratio: float = 0.1
+    coreset_size: int | None = None
+    projection_dim: int = 128
+    scoring: str = "paper"
+    num_neighbors: int = 9
+    k: int = 1
+    sigma: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        _one_of("scoring", self.scoring, SCORING_MODES)
+        _one_of("coreset_method", self.coreset_method, CORESET_METHODS)
+        _one_of("normalization", self.normalization, NORMALIZATIONS)
+        if self.resize < 16:
+            raise PatchCoreError(f"resize={self.resize} is too small: use at least 16 pixels")
+        if self.crop is not None and not 16 <= self.crop <= self.resize:
+            raise PatchCoreError(f"crop={self.crop} must lie between 16 and resize={self.resize}")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise PatchCoreError(f"patch_size={self.patch_size} must be a positive odd number (paper: 3)")
+        if self.target_dim is not None and self.target_dim < 1:
+            raise PatchCoreError("target_dim must be a positive number of dimensions, or None")
+        if not 0 < self.coreset_ratio <= 1:
+            raise PatchCoreError(f"coreset_ratio={self.coreset_ratio} must lie in (0, 1], e.g. 0.1 for 10%")
+        if self.coreset_size is not None and self.coreset_size < 1:
+            raise PatchCoreError("coreset_size must be at least 1")
+        if self.projection_dim < 1:
+            raise PatchCoreError("projection_dim must be at least 1 (paper: 128)")
+        if self.num_neighbors < 1 or self.k < 1:
+            raise PatchCoreError("num_neighbors and k must be at least 1")
+        if self.sigma < 0:
+            raise PatchCoreError("sigma must be >= 0 (0 disables smoothing)")
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square the backbone sees."""
+        return self.crop if self.crop is not None else self.resize
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["layers"] is not None:
+            data["layers"] = list(data["layers"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatchCoreConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PatchCoreError(f"unknown setting(s) {', '.join(unknown)}: known settings are {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PatchCoreError(f"{name}={value!r} is not one of {', '.join(allowed)}")

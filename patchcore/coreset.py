@@ -1,0 +1,473 @@
+"""Coreset subsampling of the patch-feature memory bank (PatchCore, Roth et al. 2022, Algorithm 1).
+
+PatchCore keeps only a small subset of the training patch features: the greedy k-center
+("minimax facility location") coreset. Starting from a random point, it repeatedly adds
+the point that is farthest from everything selected so far. Distances are measured after
+a Johnson-Lindenstrauss random projection to ``projection_dim`` dimensions, which makes
+each distance cheaper without changing the geometry much.
+
+Two implementations of the same selection are provided:
+
+* :func:`greedy_coreset_reference` is the plain loop of the paper: every step computes the
+  distance from every point to the newest center. It is the specification.
+* :func:`greedy_coreset` returns exactly the same indices but skips distance computations
+  that provably cannot change the result (triangle inequality, see below). On clustered
+  data, as real patch features are, it does a small fraction of the work.
+
+Both draw from the random generator in the same order through the shared helper
+:func:`_prepare` (first the projection matrix, then the start index), and both compute
+every distance with the same row-wise float32 helper :func:`_squared_distances`, so a
+distance that both compute is bitwise identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Callable, ContextManager
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "coreset_size",
+    "random_projection",
+    "greedy_coreset",
+    "greedy_coreset_reference",
+    "random_coreset",
+]
+
+_F32_UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2.0  # 2**-24
+_F64_EPS = float(np.finfo(np.float64).eps)
+_F32_SMALLEST_SUBNORMAL = 2.0**-149
+_F32_MAX = float(np.finfo(np.float32).max)
+_BLOCK_SIZE = 256  # target rows per block in greedy_coreset (module constant so tests can shrink it)
+
+
+# --------------------------------------------------------------------------- sizes, maps
+
+
+def coreset_size(n: int, ratio: float | None = None, size: int | None = None) -> int:
+    """Number of points to keep out of ``n``.
+
+    An absolute ``size`` wins over ``ratio``; otherwise ``round(ratio * n)``, at least 1.
+    The result is clipped to ``[1, n]``.
+
+    Args:
+        n: number of available points, ``n >= 1``.
+        ratio: fraction in ``(0, 1]``, used when ``size`` is None.
+        size: absolute number of points, ``size >= 1``.
+
+    Returns:
+        int in ``[1, n]``.
+    """
+    n = _as_int(n, "n")
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (the number of features), got {n}")
+    if size is not None:
+        size = _as_int(size, "size")
+        if size < 1:
+            raise ValueError(f"coreset size must be >= 1, got {size}; pass a positive size or use ratio")
+        return min(size, n)
+    if ratio is None:
+        raise ValueError("give either a coreset ratio in (0, 1] or an absolute size")
+    ratio = float(ratio)
+    if not (0.0 < ratio <= 1.0):  # also rejects NaN
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}; e.g. 0.1 keeps 10% of the features")
+    return int(min(n, max(1, round(ratio * n))))
+
+
+def random_projection(dim: int, projection_dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Johnson-Lindenstrauss Gaussian map with entries drawn from N(0, 1/projection_dim).
+
+    ``features @ P`` approximately preserves pairwise distances. If ``projection_dim >= dim``
+    no reduction happens, but the map is still random (a random, roughly isometric linear
+    map, not the identity), so results depend on the seed in the same way for every size.
+
+    Args:
+        dim: input dimension D >= 1.
+        projection_dim: output dimension d >= 1.
+        rng: the generator to draw from (advanced by this call).
+
+    Returns:
+        ``(dim, projection_dim)`` float32 array.
+    """
+    dim = _as_int(dim, "dim")
+    projection_dim = _as_int(projection_dim, "projection_dim")
+    if dim < 1 or projection_dim < 1:
+        raise ValueError(f"dim and projection_dim must be >= 1, got dim={dim}, projection_dim={projection_dim}")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError("rng must be a numpy.random.Generator; use np.random.default_rng(seed)")
+    p = rng.standard_normal((dim, projection_dim), dtype=np.float32)
+    p *= np.float32(1.0 / np.sqrt(projection_dim))
+    return p
+
+
+def random_coreset(n: int, n_select: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """Uniformly random subset (a baseline for the greedy coreset).
+
+    Returns:
+        ``(n_select,)`` int64 distinct indices into ``range(n)``, in random order (not sorted).
+    """
+    n = _as_int(n, "n")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    n_select = _check_n_select(n_select, n)
+    rng = np.random.default_rng(seed)
+    return rng.choice(n, size=n_select, replace=False).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _check_n_select(n_select: Any, n: int) -> int:
+    n_select = _as_int(n_select, "n_select")
+    if not 1 <= n_select <= n:
+        raise ValueError(
+            f"n_select must be in [1, {n}] (the number of features), got {n_select}; "
+            "use coreset_size(n, ratio=...) to compute a valid size"
+        )
+    return n_select
+
+
+def _as_features(features: Any) -> np.ndarray:
+    """Validate and convert features to a C-contiguous ``(N, D)`` float32 numpy array."""
+    try:
+        import torch
+
+        if isinstance(features, torch.Tensor):
+            features = features.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency, but the module does not need it
+        pass
+    arr = np.asarray(features)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"features must be a 2-D (N, D) array, got shape {arr.shape}; "
+            "flatten patch features with features.reshape(-1, D)"
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"features must have at least one row and one column, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"features must be real numbers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            "features contain NaN or infinite values (after conversion to float32); "
+            "remove or fix those rows before building the coreset"
+        )
+    return arr
+
+
+def _squared_distances(z_rows: np.ndarray, z_center: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances, float32, computed row by row.
+
+    Args:
+        z_rows: ``(n, d)`` float32.
+        z_center: ``(d,)`` float32, or ``(n, d)`` for one center per row (pairwise).
+
+    Returns:
+        ``(n,)`` float32. The value for a row depends only on that row and the center, never
+        on the other rows in the call (einsum reduces each row separately over its own
+        contiguous ``diff`` row), which is what lets the fast version compute subsets.
+        Uses the difference form, not ``|a|^2 - 2ab + |b|^2``, so the relative error is
+        small (at most about ``(d + 2) * 2**-24``) and the pruning margin can be tight.
+    """
+    diff = z_rows - z_center
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def _prepare(
+    features: Any, n_select: int, projection_dim: int, seed: int | np.random.Generator
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Common start of both greedy versions: validate, project, pick the start.
+
+    Draws from the generator in a fixed order: projection matrix first, then the start.
+
+    Returns:
+        ``Z`` ``(N, d)`` float32 projected features, ``start`` index, and ``mind`` ``(N,)``
+        float32 squared distances to the start point.
+    """
+    x = _as_features(features)
+    n, dim = x.shape
+    n_select = _check_n_select(n_select, n)
+    projection_dim = _as_int(projection_dim, "projection_dim")
+    if projection_dim < 1:
+        raise ValueError(f"projection_dim must be >= 1, got {projection_dim}")
+    rng = np.random.default_rng(seed)
+    p = random_projection(dim, projection_dim, rng)
+    z = np.ascontiguousarray(x @ p, dtype=np.float32)
+    start = int(rng.integers(n))
+    mind = _squared_distances(z, z[start])
+    # Every squared distance is at most 4 * max(mind) (triangle inequality through the start);
+    # keep it away from float32 overflow so no distance can become inf.
+    if not np.isfinite(z).all() or 4.0 * float(mind.max()) >= _F32_MAX:
+        raise ValueError(
+            "projected features are too large for float32 distances; rescale the features "
+            "(e.g. divide by their standard deviation) before building the coreset"
+        )
+    return z, start, mind
+
+
+# --------------------------------------------------------------------------- greedy coreset
+
+
+def greedy_coreset_reference(
+    features: Any,
+    n_select: int,
+    *,
+    projection_dim: int = 128,
+    seed: int | np.random.Generator = 0,
+) -> np.ndarray:
+    """Greedy k-center coreset, the plain loop of PatchCore Algorithm 1 (the specification).
+
+    O(N * n_select * d) time. See :func:`greedy_coreset` for the arguments; returns the same
+    ``(n_select,)`` int64 indices.
+    """
+    z, start, mind = _prepare(features, n_select, projection_dim, seed)
+    selected = np.empty(n_select, dtype=np.int64)
+    selected[0] = start
+    for i in range(1, n_select):
+        c = int(np.argmax(mind))  # first index on ties
+        selected[i] = c
+        np.minimum(mind, _squared_distances(z, z[c]), out=mind)
+    return selected
+
+
+def _single_threaded_blas() -> ContextManager[Any]:
+    """Limit BLAS to one thread while the greedy loop runs, if threadpoolctl is installed.
+
+    The loop issues many small and medium matrix products; multi-threaded OpenBLAS spends
+    more time waking and spinning its threads than computing (measured 10x slower on a
+    busy 2-core machine).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        logger.debug("threadpoolctl not installed; BLAS threads are left as they are")
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _make_blocks(z: np.ndarray, block_size: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Partition the rows of ``z`` into spatially compact blocks.
+
+    Each row goes to its (approximately) nearest of ``N // block_size`` seed rows spread evenly
+    over the array, so dense regions get more seeds. Any partition keeps the coreset exact;
+    compact blocks only make the block-level skip test effective.
+
+    Args:
+        z: ``(N, d)`` float32.
+        block_size: target number of rows per block.
+
+    Returns:
+        ``members``: list of ascending int64 row ids per block (no empty blocks);
+        ``reps``: ``(n_blocks, d)`` float64 representative point of each block (a seed row);
+        ``radius``: ``(n_blocks,)`` float64 upper bound of ``|x - rep|`` over the members.
+    """
+    n = z.shape[0]
+    n_seeds = max(1, n // block_size)
+    seeds = z[np.arange(n_seeds, dtype=np.int64) * n // n_seeds]
+    seed_norm2 = np.einsum("ij,ij->i", seeds, seeds)
+    label = np.empty(n, dtype=np.int64)
+    chunk = max(1, 2**22 // n_seeds)  # bounds the (chunk, n_seeds) temporary to 16 MiB
+    for a in range(0, n, chunk):
+        label[a : a + chunk] = np.argmin(seed_norm2 - 2.0 * (z[a : a + chunk] @ seeds.T), axis=1)
+
+    order = np.argsort(label, kind="stable")  # stable: ids stay ascending inside a block
+    counts = np.bincount(label, minlength=n_seeds)
+    used = np.flatnonzero(counts)
+    members = [m for m in np.split(order, np.cumsum(counts)[:-1]) if m.size]
+    reps = seeds[used].astype(np.float64)
+    block_of_seed = np.full(n_seeds, -1, dtype=np.int64)
+    block_of_seed[used] = np.arange(used.size)
+    block = block_of_seed[label]
+
+    # Radius in float64 with the difference form (relative error ~1e-15), then padded.
+    radius = np.zeros(used.size)
+    for a in range(0, n, 2**16):
+        diff = z[a : a + 2**16].astype(np.float64) - reps[block[a : a + 2**16]]
+        np.maximum.at(radius, block[a : a + 2**16], np.sqrt(np.einsum("ij,ij->i", diff, diff)))
+    radius = radius * (1.0 + 1e-9) + 1e-300
+    return members, reps, radius
+
+
+def greedy_coreset(
+    features: Any,
+    n_select: int,
+    *,
+    projection_dim: int = 128,
+    seed: int | np.random.Generator = 0,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Greedy k-center coreset (PatchCore Algorithm 1), exact and fast.
+
+    Selects the same indices as :func:`greedy_coreset_reference`: ``Z = features @ P`` with a
+    random Gaussian ``P``; start at a random row; repeatedly add the row with the largest
+    squared distance to its nearest selected row (the first such row on ties).
+
+    Why it is faster (the result does not depend on any of this):
+
+    * Lazy blocks. Rows are grouped into compact blocks. A block keeps the largest distance
+      of its rows, which stays an upper bound when new centers arrive, and the list of
+      centers not yet applied to it. Only blocks whose bound reaches the current maximum
+      are brought up to date, so most centers are applied to most blocks never or in batches.
+    * Block skip. A center farther than ``radius + sqrt(bound)`` from a block's
+      representative cannot bring any row of the block closer (triangle inequality).
+    * Matrix filter. The remaining (row, center) pairs get a float64 matrix-product
+      distance with a rigorous error bound; only pairs whose lower bound could beat the
+      row's current distance are computed exactly, with the reference's float32 helper.
+
+    All tests carry margins for float rounding, so skipped pairs provably would not change
+    the reference's ``minimum``; computed distances are bitwise the reference's. Ties
+    between blocks are resolved only after every tied block is up to date.
+
+    Args:
+        features: ``(N, D)`` float array (numpy or CPU torch tensor); converted to float32.
+        n_select: number of rows to select, in ``[1, N]``.
+        projection_dim: dimension ``d`` of the random projection.
+        seed: int seed or a ``np.random.Generator`` (advanced by this call).
+        progress: optional callback, called now and then with the number selected so far.
+
+    Returns:
+        ``(n_select,)`` int64 indices into ``features``, in selection order; the first one is
+        the random start. Indices are distinct as long as more than ``n_select - 1`` rows
+        are distinct; otherwise, like the reference, exhausted ties repeat the first index
+        with distance 0.
+
+    Memory beyond ``Z`` (N x d float32): O(N) per-row state, ``n_select x d`` float64 for
+    the centers, and temporaries of one block.
+    """
+    t0 = time.perf_counter()
+    z, start, mind = _prepare(features, n_select, projection_dim, seed)
+    with _single_threaded_blas():
+        selected = _greedy_blocks(z, start, mind, n_select, progress)
+    logger.debug("greedy coreset: %d of %d rows in %.2fs", n_select, z.shape[0], time.perf_counter() - t0)
+    return selected
+
+
+def _greedy_blocks(
+    z: np.ndarray, start: int, mind: np.ndarray, n_select: int, progress: Callable[[int], None] | None
+) -> np.ndarray:
+    """The lazy block loop of :func:`greedy_coreset` on projected rows ``z`` ``(N, d)`` float32.
+
+    ``mind`` ``(N,)`` float32 holds the distances to the start row and is updated in place.
+    """
+    n, d = z.shape
+
+    # Margins. gamma bounds the relative error of a float32 squared distance from
+    # _squared_distances (d products and sums, one subtraction each); tiny covers underflow.
+    # err32 bounds the error, relative to |x|^2 + |c|^2, of the float32 matrix-product form
+    # |x|^2 + |c|^2 - 2 x.c on mean-centered rows (d-term dot products, the centering
+    # roundings, and the roundings of the rearranged test below), with slack.
+    gamma = (d + 2) * _F32_UNIT_ROUNDOFF / (1.0 - (d + 2) * _F32_UNIT_ROUNDOFF)
+    shrink = 1.0 - 2.0 * gamma  # exact float32 distance >= shrink * true distance - tiny
+    tiny = 4.0 * d * _F32_SMALLEST_SUBNORMAL
+    err32 = 4.0 * (d + 8) * _F32_UNIT_ROUNDOFF
+    err64 = 4.0 * (d + 8) * _F64_EPS
+
+    members, reps, radius = _make_blocks(z, _BLOCK_SIZE)
+    n_blocks = len(members)
+    mean = z.mean(axis=0, dtype=np.float64).astype(np.float32)
+    reps -= mean
+    rep_norm2 = np.einsum("ij,ij->i", reps, reps)
+    row_norm2 = np.empty(n)  # |x - mean|^2 per row (of the float32 centered row), in float64
+    for a in range(0, n, 2**16):
+        xc = (z[a : a + 2**16] - mean).astype(np.float64)
+        row_norm2[a : a + 2**16] = np.einsum("ij,ij->i", xc, xc)
+
+    selected = np.empty(n_select, dtype=np.int64)
+    selected[0] = start
+    centers = np.empty((n_select, d), dtype=np.float32)  # mean-centered selected rows
+    center_norm2 = np.empty(n_select)  # |centers[k]|^2 in float64
+    # The block skip test centers in float64, like the representatives, so that its only
+    # rounding is float64's; the float32 centering error is covered by err32 in the filter.
+    centers64 = np.empty((n_select, d))
+    center_norm2_64 = np.empty(n_select)
+
+    def add_center(k: int, c: int) -> None:
+        selected[k] = c
+        np.subtract(z[c], mean, out=centers[k])
+        c32 = centers[k].astype(np.float64)
+        center_norm2[k] = c32 @ c32
+        np.subtract(z[c].astype(np.float64), mean, out=centers64[k])
+        center_norm2_64[k] = centers64[k] @ centers64[k]
+
+    add_center(0, start)
+
+    bound = np.empty(n_blocks)  # >= current max distance in the block; exact when up to date
+    far = np.empty(n_blocks, dtype=np.int64)  # smallest row id attaining bound (when up to date)
+    applied = np.ones(n_blocks, dtype=np.int64)  # centers [0, applied) are accounted for
+    for b, mem in enumerate(members):
+        v = mind[mem]
+        a = int(np.argmax(v))  # members ascend, so this is the smallest id on ties
+        bound[b], far[b] = float(v[a]), int(mem[a])
+
+    stats = {"refreshes": 0, "pairs": 0, "exact": 0}
+    alpha = shrink * (1.0 - err32)
+    half = 0.5 / shrink
+
+    def refresh(b: int, k: int) -> None:
+        """Apply centers [applied[b], k) to block b; afterwards bound[b] and far[b] are exact."""
+        lo = int(applied[b])
+        applied[b] = k
+        stats["refreshes"] += 1
+        # Block skip: keep centers whose distance to the representative may be below
+        # radius + sqrt(largest true distance of a row), with margins (float64).
+        norms = rep_norm2[b] + center_norm2_64[lo:k]
+        near = norms - 2.0 * (centers64[lo:k] @ reps[b]) - err64 * norms
+        reach = radius[b] + np.sqrt((bound[b] + tiny) / shrink) * (1.0 + 1e-9)
+        rel = lo + np.flatnonzero(near < reach * reach)
+        if rel.size == 0:
+            return
+        mem = members[b]
+        stats["pairs"] += mem.size * rel.size
+        # Matrix filter: pair (x, c) may improve only if
+        #   shrink * ((1 - err32) * (|x|^2 + |c|^2) - 2 x.c) - tiny < mind[x];
+        # rearranged as x.c - col > row so that it costs two passes over the (rows, centers) block.
+        g = (z[mem] - mean) @ centers[rel].T
+        row = ((alpha * row_norm2[mem] - mind[mem] - 2.0 * tiny) * half).astype(np.float32)
+        g -= ((alpha * half) * center_norm2[rel]).astype(np.float32)
+        xi, ci = np.nonzero(g > row[:, None])
+        if xi.size:
+            stats["exact"] += xi.size
+            pts = mem[xi]
+            dist = _squared_distances(z[pts], z[selected[rel[ci]]])
+            np.minimum.at(mind, pts, dist)
+            v = mind[mem]
+            a = int(np.argmax(v))
+            bound[b], far[b] = float(v[a]), int(mem[a])
+
+    report_every = max(1, n_select // 100)
+    for k in range(1, n_select):
+        # The next center is the smallest row id attaining the global max; every block whose
+        # bound ties the max must be up to date before that can be decided.
+        while True:
+            top = bound.max()
+            tied = np.flatnonzero(bound == top)
+            stale = tied[applied[tied] < k]
+            if stale.size == 0:
+                break
+            for b in stale.tolist():
+                refresh(b, k)
+        add_center(k, int(far[tied[0]]) if tied.size == 1 else int(far[tied].min()))
+        if progress is not None and k % report_every == 0:
+            progress(k)
+    if progress is not None:
+        progress(n_select)
+    logger.debug(
+        "greedy coreset loop: %d blocks, %d block refreshes, %.2f%% of the naive pairs "
+        "filtered, %.3f%% computed exactly",
+        n_blocks,
+        stats["refreshes"],
+        100.0 * stats["pairs"] / max(1, n * n_select),
+        100.0 * (stats["exact"] + n) / max(1, n * n_select),
+    )
+    return selected

@@ -1,0 +1,215 @@
+"""The PatchCore estimator: a thin class composing backbone, patch features, coreset, search and maps.
+
+Follows scikit-learn's contract: ``__init__`` only stores settings, ``fit`` returns self, learned state
+ends in ``_``, and using an unfitted model raises :class:`NotFittedError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from .config import PatchCoreConfig
+from .coreset import coreset_size, greedy_coreset, random_coreset
+from .errors import NotFittedError, PatchCoreError
+from .features import patch_features
+from .images import Geometry, ImageLike, load_image, map_to_original, preprocess
+from .maps import anomaly_maps
+from .scoring import image_score, patch_scores
+from .search import squared_norms
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: its score and its anomaly map on the original image, (H, W) float32."""
+
+    score: float
+    anomaly_map: np.ndarray
+
+
+class PatchCore:
+    """PatchCore anomaly detector (Roth et al., CVPR 2022).
+
+    ``PatchCore(config=None, **settings)``: settings are :class:`PatchCoreConfig` fields and override
+    ``config``. ``device``, ``batch_size``, ``chunk_size`` and ``progress`` only change how fast it runs,
+    never the results, so they are not part of the saved config.
+    """
+
+    def __init__(
+        self,
+        config: PatchCoreConfig | None = None,
+        *,
+        device: str = "cpu",
+        batch_size: int = 16,
+        chunk_size: int = 8192,
+        progress: bool = False,
+        **settings,
+    ) -> None:
+        self.config = dataclasses.replace(config or PatchCoreConfig(), **settings)
+        self.device = device
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, images: Sequence[ImageLike]) -> PatchCore:
+        """Build the memory bank from good images and subsample it to the coreset. Returns self."""
+        images = list(images)
+        if not images:
+            raise PatchCoreError("no training images: fit needs at least one good image")
+        if self.batch_size < 1:
+            raise PatchCoreError("batch_size must be at least 1")
+        cfg = self.config
+        started = time.perf_counter()
+        backbone = self._make_backbone()
+        bank: torch.Tensor | None = None
+        filled = 0
+        for feats, _ in self._features(images, backbone, "extracting features"):
+            rows = feats.reshape(-1, feats.shape[-1])
+            if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
+                self.feature_shape_ = tuple(feats.shape[1:3])
+                bank = torch.empty(len(images) * rows.shape[0] // feats.shape[0], rows.shape[1])
+            bank[filled : filled + rows.shape[0]] = rows.cpu()
+            filled += rows.shape[0]
+        assert bank is not None and filled == bank.shape[0]
+        feature_seconds = time.perf_counter() - started
+
+        started_coreset = time.perf_counter()
+        n_select = coreset_size(bank.shape[0], cfg.coreset_ratio, cfg.coreset_size)
+        if cfg.coreset_method == "random":
+            chosen = random_coreset(bank.shape[0], n_select, seed=cfg.seed)
+        else:
+            chosen = greedy_coreset(bank, n_select, projection_dim=cfg.projection_dim, seed=cfg.seed)
+        self._set_bank(bank[torch.from_numpy(np.asarray(chosen))].contiguous())
+        coreset_seconds = time.perf_counter() - started_coreset
+
+        self.backbone_ = backbone
+        self.n_train_ = len(images)
+        self.fit_stats_ = {
+            "feature_seconds": feature_seconds,
+            "coreset_seconds": coreset_seconds,
+            "fit_seconds": time.perf_counter() - started,
+            "full_bank_size": int(bank.shape[0]),
+        }
+        logger.info("memory bank: %d of %d patch features kept", n_select, bank.shape[0])
+        return self
+
+    def _make_backbone(self) -> Backbone:
+        return create_backbone(self.config.backbone, self.config.layers, self.config.weights).to(self.device)
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        self.memory_bank_ = bank.to(self.device, torch.float32)
+        self._bank_sq = squared_norms(self.memory_bank_)
+
+    # ------------------------------------------------------------------ features
+    def _normalization(self, backbone: Backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.config.normalization == "imagenet":
+            return IMAGENET_MEAN, IMAGENET_STD
+        return backbone.mean, backbone.std
+
+    def _features(
+        self, images: Sequence[ImageLike], backbone: Backbone, what: str
+    ) -> Iterator[tuple[torch.Tensor, list[Geometry]]]:
+        """Batches of (B, h, w, D) patch features with each image's geometry."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        mean, std = self._normalization(backbone)
+        bar = tqdm(total=len(images), desc=what, unit="img", disable=None if self.progress else True, leave=False)
+        try:
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start : start + self.batch_size]
+                tensors, geometries = [], []
+                for image in chunk:
+                    x, geometry = preprocess(load_image(image), cfg.resize, cfg.input_size, mean, std)
+                    tensors.append(x)
+                    geometries.append(geometry)
+                with torch.inference_mode():
+                    maps = backbone(torch.stack(tensors).to(self.device))
+                    feats = patch_features(maps, cfg.patch_size, cfg.target_dim)
+                bar.update(len(chunk))
+                yield feats, geometries
+        finally:
+            bar.close()
+
+    def extract_features(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Patch features of images: (N, h, w, D) float32 (what the bank is made of)."""
+        backbone = self._check_fitted()
+        return np.concatenate([f.cpu().numpy() for f, _ in self._features(list(images), backbone, "features")])
+
+    # ------------------------------------------------------------------ inference
+    def _check_fitted(self) -> Backbone:
+        if not hasattr(self, "memory_bank_"):
+            raise NotFittedError("this PatchCore model is not fitted yet: call fit(images) or PatchCore.load(path)")
+        return self.backbone_
+
+    def _infer(self, images: Sequence[ImageLike], with_maps: bool) -> Iterator[tuple[float, torch.Tensor | None, Geometry]]:
+        """Per image: (image score, (S, S) anomaly map at input resolution or None, geometry)."""
+        backbone = self._check_fitted()
+        cfg = self.config
+        bank, bank_sq = self.memory_bank_, self._bank_sq
+        for feats, geometries in self._features(list(images), backbone, "scoring"):
+            batch, h, w, dim = feats.shape
+            flat = feats.reshape(-1, dim)
+            with torch.inference_mode():
+                scores, nearest = patch_scores(flat, bank, bank_sq, cfg.scoring, cfg.k, self.chunk_size)
+                scores, nearest, flat = scores.view(batch, h * w), nearest.view(batch, h * w), flat.view(batch, h * w, dim)
+                maps = anomaly_maps(scores.view(batch, h, w), cfg.input_size, cfg.sigma) if with_maps else None
+                for i, geometry in enumerate(geometries):
+                    score = image_score(scores[i], nearest[i], flat[i], bank, bank_sq, cfg.scoring, cfg.num_neighbors)
+                    yield float(score), (maps[i].cpu() if maps is not None else None), geometry
+
+    def score_samples(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Image anomaly scores, (N,) float64; higher means more anomalous."""
+        return np.array([score for score, _, _ in self._infer(images, with_maps=False)], dtype=np.float64)
+
+    def anomaly_maps(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Pixel anomaly maps at the model's input resolution, (N, S, S) float32, S = crop (or resize)."""
+        maps = [amap.numpy() for _, amap, _ in self._infer(images, with_maps=True)]
+        size = self.config.input_size
+        return np.stack(maps) if maps else np.empty((0, size, size), np.float32)
+
+    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
+        """Per image: score and anomaly map in the original image's coordinates."""
+        return [
+            Prediction(score, map_to_original(amap.numpy(), geometry))
+            for score, amap, geometry in self._infer(images, with_maps=True)
+        ]
+
+    def predict_with_input_maps(self, images: Sequence[ImageLike]) -> Iterable[tuple[float, np.ndarray, Geometry]]:
+        """Like :meth:`predict` but yields (score, map at input resolution, geometry), lazily."""
+        for score, amap, geometry in self._infer(images, with_maps=True):
+            yield score, amap.numpy(), geometry
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Write the model atomically as one safetensors file (see :mod:`patchcore.serialization`)."""
+        from .serialization import save_model
+
+        self._check_fitted()
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path, *, device: str = "cpu", weights: str | None = None, **runtime) -> PatchCore:
+        """Read a model file written by :meth:`save`, refusing edited, truncated or foreign files."""
+        from .serialization import load_model
+
+        return load_model(path, device=device, weights=weights, **runtime)
+
+    def __repr__(self) -> str:
+        changed = {
+            f.name: getattr(self.config, f.name)
+            for f in dataclasses.fields(self.config)
+            if getattr(self.config, f.name) != f.default
+        }
+        fitted = f", fitted on {self.n_train_} images" if hasattr(self, "n_train_") else ""
+        return f"PatchCore({', '.join(f'{k}={v!r}' for k, v in changed.items())}){fitted}"

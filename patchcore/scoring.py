@@ -1,0 +1,57 @@
+"""From nearest-neighbour distances to patch and image scores, in the two named modes.
+
+``paper``: patch score = L2 distance to the nearest bank element; image score = the largest patch score
+s*, reweighted by eq. 7: s = (1 - exp|m_test* - m*| / sum_{m in N_b(m*)} exp|m_test* - m|) * s*.
+``official``: the official implementation's behaviour: squared L2, patch score = mean over the k
+nearest, image score = max (no reweighting).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .search import knn
+
+
+def patch_scores(
+    patches: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, mode: str, k: int = 1, chunk_size: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, D) patches -> ((P,) scores, (P,) index of each patch's nearest bank element)."""
+    if mode == "official":
+        dists, idx = knn(patches, bank, min(k, bank.shape[0]), bank_sq=bank_sq, chunk_size=chunk_size)
+        return dists.mean(dim=1), idx[:, 0]
+    dists, idx = knn(patches, bank, 1, bank_sq=bank_sq, chunk_size=chunk_size)
+    return dists[:, 0].sqrt(), idx[:, 0]
+
+
+def reweighting_factor(
+    test_patch: torch.Tensor, nearest: int, bank: torch.Tensor, bank_sq: torch.Tensor, num_neighbors: int
+) -> torch.Tensor:
+    """Eq. 7's factor for the most anomalous patch (D,) whose nearest bank row is ``nearest``.
+
+    N_b(m*) are the b nearest bank rows of m* (m* itself first); the factor is
+    1 - softmax(|m_test* - m| over N_b)[m*], which lies in [1 - 1/b, 1].
+    """
+    b = min(num_neighbors, bank.shape[0])
+    _, support = knn(bank[nearest][None], bank, b, bank_sq=bank_sq)
+    # m* is its own nearest neighbour, but ties with duplicate rows may order it elsewhere: put it first.
+    support = support[0]
+    support = torch.cat([support.new_tensor([nearest]), support[support != nearest]])[:b]
+    distances = torch.linalg.vector_norm(bank[support] - test_patch[None], dim=1)
+    return 1.0 - torch.softmax(distances, dim=0)[0]
+
+
+def image_score(
+    scores: torch.Tensor,
+    nearest: torch.Tensor,
+    patches: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor,
+    mode: str,
+    num_neighbors: int = 9,
+) -> torch.Tensor:
+    """One image's (P,) patch scores -> scalar image score (max, reweighted by eq. 7 in ``paper`` mode)."""
+    top = int(torch.argmax(scores))
+    if mode == "official":
+        return scores[top]
+    return scores[top] * reweighting_factor(patches[top], int(nearest[top]), bank, bank_sq, num_neighbors)

@@ -1,0 +1,44 @@
+"""Exact nearest-neighbour search by blocked matrix products, memory bounded by a chunk size."""
+
+from __future__ import annotations
+
+import torch
+
+
+def squared_norms(bank: torch.Tensor) -> torch.Tensor:
+    """(M, D) -> (M,) squared L2 norms, precomputed once per bank."""
+    return (bank * bank).sum(dim=1)
+
+
+def knn(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    *,
+    bank_sq: torch.Tensor | None = None,
+    chunk_size: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest bank rows of each query.
+
+    queries (Q, D), bank (M, D) -> (squared L2 distances (Q, k) ascending, indices (Q, k) int64).
+    Distances use |q|^2 - 2 q.b + |b|^2 (one GEMM per chunk), clamped at 0. At most ``chunk_size`` x M
+    distances exist at once, so memory stays bounded for any number of queries.
+    """
+    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"knn needs (Q, D) queries and (M, D) bank; got {tuple(queries.shape)} and {tuple(bank.shape)}")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k={k} must lie between 1 and the bank size {bank.shape[0]}")
+    if bank_sq is None:
+        bank_sq = squared_norms(bank)
+    dists, indices = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        q = queries[start : start + chunk_size]
+        d = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0)
+        d.add_((q * q).sum(dim=1, keepdim=True)).clamp_(min=0.0)
+        if k == 1:
+            value, index = d.min(dim=1, keepdim=True)
+        else:
+            value, index = d.topk(k, dim=1, largest=False, sorted=True)
+        dists.append(value)
+        indices.append(index)
+    return torch.cat(dists), torch.cat(indices)

@@ -1,0 +1,125 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from patchcore.backbones import create_backbone, load_state_dict
+from patchcore.backbones.efficientnet_lite import EfficientNetLite, packaged_weights_path
+from patchcore.errors import PatchCoreError
+
+IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.mark.parametrize("variant", ["efficientnet_lite0", "efficientnet_lite1"])
+def test_packaged_weights_classify_a_real_cat(variant):
+    """The shipped weights are mapped right: the full classifier puts skimage's cat into a cat class."""
+    from PIL import Image
+    from skimage.data import chelsea
+
+    model = EfficientNetLite(variant).eval()
+    model.load_state_dict(load_state_dict(packaged_weights_path(variant)), strict=True)
+    image = Image.fromarray(chelsea()).resize((224, 224), Image.BILINEAR)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 127.5 - 1.0
+    with torch.no_grad():
+        top5 = model(x).topk(5).indices[0].tolist()
+    assert top5[0] in IMAGENET_CATS
+    assert len(IMAGENET_CATS & set(top5)) >= 2
+
+
+def test_efficientnet_feature_info_and_partial_compute():
+    backbone = create_backbone("efficientnet_lite0")
+    assert [(i.channels, i.stride) for i in backbone.feature_info] == [(40, 8), (112, 16)]
+    assert backbone.mean == (0.5, 0.5, 0.5)
+    assert len(backbone.weights_sha256) == 64
+    maps = backbone(torch.zeros(2, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(2, 40, 8, 8), (2, 112, 4, 4)]
+
+
+def test_efficientnet_bad_layer_names_the_valid_ones():
+    with pytest.raises(PatchCoreError, match="blocks.0 ... blocks.6"):
+        create_backbone("efficientnet_lite0", ["layer2"])
+
+
+def test_unknown_backbone():
+    with pytest.raises(PatchCoreError, match="unknown backbone"):
+        create_backbone("alexnet9000")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_torchvision_backbone_from_local_weights_file(tmp_path: Path, suffix):
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".pth":
+        torch.save(reference.state_dict(), path)
+    else:
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    backbone = create_backbone("resnet18", weights=path)
+    x = torch.randn(1, 3, 64, 64)
+    layer2, layer3 = backbone(x)
+    with torch.no_grad():
+        h = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        expected2 = reference.layer2(reference.layer1(h))
+        expected3 = reference.layer3(expected2)
+    torch.testing.assert_close(layer2, expected2)
+    torch.testing.assert_close(layer3, expected3)
+    assert [(i.channels, i.stride) for i in backbone.feature_info] == [(128, 8), (256, 16)]
+    # only the layers needed are computed: layer4 and the classifier are pruned away
+    names = {name for name, _ in backbone.body.named_modules()}
+    assert not any(n.startswith(("layer4", "fc")) for n in names)
+
+
+def test_torchvision_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PatchCoreError, match="--weights FILE"):
+        create_backbone("wide_resnet50_2")
+
+
+def test_torchvision_uses_the_torch_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    entry = torchvision.models.get_model_weights("resnet18").DEFAULT
+    cached = tmp_path / "hub" / "checkpoints" / Path(entry.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)
+    backbone = create_backbone("resnet18")
+    assert backbone.weights_sha256 != "random"
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(PatchCoreError, match="does not fit"):
+        create_backbone("resnet50", weights=path)
+    with pytest.raises(PatchCoreError, match="does not fit"):
+        create_backbone("efficientnet_lite0", weights=path)
+
+
+def test_weights_file_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(PatchCoreError, match="cannot read weights file"):
+        create_backbone("resnet18", weights=path)
+
+
+def test_timm_backbone_by_name(tmp_path):
+    timm = pytest.importorskip("timm")
+    full = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18_timm.pth"
+    torch.save(full.state_dict(), path)
+    backbone = create_backbone("timm:resnet18", ["layer2", "layer3"], weights=path)
+    assert [(i.channels, i.stride) for i in backbone.feature_info] == [(128, 8), (256, 16)]
+    with pytest.raises(PatchCoreError, match="no feature layer"):
+        create_backbone("timm:resnet18", ["nope"], weights="random")

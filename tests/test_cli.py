@@ -1,0 +1,135 @@
+"""The command line, run in a subprocess like a user would: exit codes, files, one-line errors."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthetic import make_mvtec
+
+FAST = ["--resize", "64", "--crop", "56", "--coreset-ratio", "0.5"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "patchcore.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory) -> Path:
+    return make_mvtec(tmp_path_factory.mktemp("data") / "cat")
+
+
+@pytest.fixture(scope="module")
+def model_file(category, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "model.safetensors"
+    result = run("fit", category, "-o", path, *FAST, "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_fit_writes_a_model_with_the_given_settings(model_file):
+    result = run("info", model_file)
+    assert result.returncode == 0
+    header = json.loads(result.stdout)
+    assert header["config"]["seed"] == 3 and header["config"]["crop"] == 56
+    assert header["train"]["n_train"] == 5
+
+
+def test_predict_scores_and_maps(model_file, category, tmp_path):
+    out = tmp_path / "out"
+    result = run("predict", model_file, category / "test", category / "train" / "good" / "000.png", "-o", out, "--maps")
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out / "scores.csv")
+    assert list(rows[0])[:2] == ["path", "score"]
+    assert len(rows) == 7 and all(float(r["score"]) >= 0 for r in rows)
+    blob = out / "maps" / "blob" / "000.npy"
+    amap = np.load(blob)
+    assert amap.dtype == np.float32 and amap.shape == (48, 48)
+    assert (out / "maps" / "good" / "000.npy").is_file() and (out / "maps" / "000.npy").is_file()
+    scores = {Path(r["path"]).parent.name: float(r["score"]) for r in rows}
+    assert scores["blob"] > scores["good"]
+
+
+def test_predict_reports_unreadable_images_and_scores_the_rest(model_file, category, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.open(category / "test" / "good" / "000.png").save(inputs / "ok.png")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    result = run("predict", model_file, inputs, "-o", out)
+    assert result.returncode != 0
+    assert "broken.png" in result.stderr and "Traceback" not in result.stderr
+    rows = {Path(r["path"]).name: r for r in read_csv(out / "scores.csv")}
+    assert rows["ok.png"]["score"] and not rows["ok.png"]["error"]
+    assert not rows["broken.png"]["score"] and "broken.png" in rows["broken.png"]["error"]
+
+
+def test_evaluate_writes_metrics_and_scores(category, tmp_path):
+    out = tmp_path / "eval"
+    result = run("evaluate", category, "-o", out, *FAST)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "image_auroc_by_type", "pixel_auroc", "pro", "n_train", "n_test", "memory_bank_size",
+                "feature_seconds", "coreset_seconds", "fit_seconds", "predict_seconds_per_image"):
+        assert key in metrics, key
+    assert metrics["image_auroc"] == 1.0 and set(metrics["image_auroc_by_type"]) == {"blob"}
+    assert metrics["pixel_auroc"] > 0.8 and 0 <= metrics["pro"] <= 1
+    assert metrics["n_train"] == 5 and metrics["n_test"] == 6
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == 6 and {"path", "score", "label", "defect_type"} <= set(rows[0])
+
+
+def test_evaluate_with_a_fitted_model(model_file, category, tmp_path):
+    result = run("evaluate", category, "-o", tmp_path / "e", "--model", model_file)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["fit_seconds"] is None
+
+
+def test_failed_fit_leaves_no_model(tmp_path):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"not an image at all")
+    target = tmp_path / "model.safetensors"
+    result = run("fit", data, "-o", target, *FAST)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a.png" in lines[0] and lines[0].startswith("patchcore: error:")
+    assert not target.exists() and list(tmp_path.glob("*.tmp")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_failed_fit_keeps_an_existing_model(model_file, tmp_path):
+    before = model_file.read_bytes()
+    result = run("fit", tmp_path / "nothing-here", "-o", model_file, *FAST)
+    assert result.returncode != 0 and "no such folder" in result.stderr
+    assert model_file.read_bytes() == before
+
+
+def test_edited_model_gets_one_clear_line(model_file, tmp_path):
+    edited = tmp_path / "edited.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-10] ^= 0xFF  # flip bits inside the memory bank
+    edited.write_bytes(bytes(data))
+    result = run("predict", edited, model_file, "-o", tmp_path / "o")
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "checksum" in result.stderr and "Traceback" not in result.stderr
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(model_file.read_bytes()[:100])
+    result = run("info", truncated)
+    assert result.returncode != 0 and "truncated.safetensors" in result.stderr
+
+
+def test_bad_flag_values_are_one_line_errors(category, tmp_path):
+    result = run("fit", category, "-o", tmp_path / "m", "--coreset-ratio", "2")
+    assert result.returncode != 0 and "coreset_ratio" in result.stderr and "Traceback" not in result.stderr
+    result = run("evaluate", category / "train" / "good", "-o", tmp_path / "e", *FAST)
+    assert result.returncode != 0 and "no test split" in result.stderr

