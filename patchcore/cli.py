@@ -61,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime (never changes results)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    group.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default: 16)")
+    group.add_argument("--batch-size", type=int, default=None, help="images per backbone pass (default: 1 on a CPU, 32 on a GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             print(f"patchcore: error: {exc}", file=sys.stderr)
             rows.append({"path": str(path), "score": None, "error": str(exc)})
-        if len(batch) >= args.batch_size:
+        if len(batch) >= (args.batch_size or 32):
             flush()
     if batch:
         flush()

@@ -123,3 +123,14 @@ def test_timm_backbone_by_name(tmp_path):
     assert [(i.channels, i.stride) for i in backbone.feature_info] == [(128, 8), (256, 16)]
     with pytest.raises(PatchCoreError, match="no feature layer"):
         create_backbone("timm:resnet18", ["nope"], weights="random")
+
+
+def test_folded_batchnorm_computes_the_same_features():
+    model = EfficientNetLite("efficientnet_lite0").eval()
+    model.load_state_dict(load_state_dict(packaged_weights_path("efficientnet_lite0")))
+    x = torch.randn(2, 3, 67, 67)  # odd size: asymmetric SAME padding on the stride-2 convs
+    with torch.no_grad():
+        expected = model.stages(x, [2, 4])
+        folded = model.fold_batchnorm().stages(x, [2, 4])
+    for a, b in zip(expected, folded):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -185,6 +185,7 @@ def _efficientnet_lite(name: str, spec: BackboneSpec, layers: tuple[str, ...], w
         except RuntimeError as exc:
             raise PatchCoreError(f"weights file {path} does not fit {name}: {str(exc).splitlines()[0]}") from exc
         digest = file_sha256(path)
+    model.fold_batchnorm()
 
     def run(body: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         return body.stages(x, stages)
