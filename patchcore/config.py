@@ -32,6 +32,8 @@ class PatchCoreConfig:
     scoring: "paper" (L2 distance, image score = max patch score reweighted by eq. 7 over
         num_neighbors bank neighbours) or "official" (squared L2, patch score = mean over the k nearest,
         image score = max), see README.
+    image_top_k: the image score aggregates the mean of the image_top_k largest patch scores instead of
+        the single largest (1 = the paper's max); larger values also catch defects spread over the image.
     sigma: Gaussian smoothing of anomaly maps, in pixels of the model input.
     seed: seeds every random choice (projection, coreset start, random coreset).
     """
@@ -51,6 +53,7 @@ class PatchCoreConfig:
     scoring: str = "paper"
     num_neighbors: int = 9
     k: int = 1
+    image_top_k: int = 1
     sigma: float = 4.0
     seed: int = 0
 
@@ -74,8 +77,8 @@ class PatchCoreConfig:
             raise PatchCoreError("coreset_size must be at least 1")
         if self.projection_dim < 1:
             raise PatchCoreError("projection_dim must be at least 1 (paper: 128)")
-        if self.num_neighbors < 1 or self.k < 1:
-            raise PatchCoreError("num_neighbors and k must be at least 1")
+        if self.num_neighbors < 1 or self.k < 1 or self.image_top_k < 1:
+            raise PatchCoreError("num_neighbors, k and image_top_k must be at least 1")
         if self.sigma < 0:
             raise PatchCoreError("sigma must be >= 0 (0 disables smoothing)")
 

@@ -177,7 +177,7 @@ class PatchCore:
                 scores, nearest, flat = scores.view(batch, h * w), nearest.view(batch, h * w), flat.view(batch, h * w, dim)
                 maps = anomaly_maps(scores.view(batch, h, w), cfg.input_size, cfg.sigma) if with_maps else None
                 for i, geometry in enumerate(geometries):
-                    score = image_score(scores[i], nearest[i], flat[i], bank, bank_sq, cfg.scoring, cfg.num_neighbors)
+                    score = image_score(scores[i], nearest[i], flat[i], bank, bank_sq, cfg.scoring, cfg.num_neighbors, cfg.image_top_k)
                     yield float(score), (maps[i].cpu() if maps is not None else None), geometry
 
     def score_samples(self, images: Sequence[ImageLike]) -> np.ndarray:

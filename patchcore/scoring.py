@@ -4,6 +4,9 @@
 s*, reweighted by eq. 7: s = (1 - exp|m_test* - m*| / sum_{m in N_b(m*)} exp|m_test* - m|) * s*.
 ``official``: the official implementation's behaviour: squared L2, patch score = mean over the k
 nearest, image score = max (no reweighting).
+
+Both modes can aggregate the mean of the ``top_k`` largest patch scores instead of the max (``top_k=1``);
+in ``paper`` mode the eq. 7 factor of the most anomalous patch then multiplies that mean.
 """
 
 from __future__ import annotations
@@ -49,9 +52,14 @@ def image_score(
     bank_sq: torch.Tensor,
     mode: str,
     num_neighbors: int = 9,
+    top_k: int = 1,
 ) -> torch.Tensor:
-    """One image's (P,) patch scores -> scalar image score (max, reweighted by eq. 7 in ``paper`` mode)."""
+    """One image's (P,) patch scores -> scalar image score.
+
+    The mean of the ``top_k`` largest patch scores (the max for 1), reweighted by eq. 7 in ``paper`` mode.
+    """
     top = int(torch.argmax(scores))
+    aggregate = scores[top] if top_k == 1 else scores.topk(min(top_k, scores.numel())).values.mean()
     if mode == "official":
-        return scores[top]
-    return scores[top] * reweighting_factor(patches[top], int(nearest[top]), bank, bank_sq, num_neighbors)
+        return aggregate
+    return aggregate * reweighting_factor(patches[top], int(nearest[top]), bank, bank_sq, num_neighbors)

@@ -112,3 +112,16 @@ def test_anomaly_maps_upsample_to_input_size_and_keep_the_hot_spot():
     assert maps.shape == (1, 56, 56)
     r, c = np.unravel_index(int(maps[0].argmax()), (56, 56))
     assert r // 8 == 1 and c // 8 == 5
+
+
+def test_image_top_k_averages_the_largest_patch_scores():
+    bank, bank_sq, patches = _bank()
+    scores, nearest = patch_scores(patches, bank, bank_sq, "official")
+    top3 = scores.sort(descending=True).values[:3].mean()
+    got = image_score(scores, nearest, patches, bank, bank_sq, "official", top_k=3)
+    torch.testing.assert_close(got, top3)
+    paper_scores, paper_nearest = patch_scores(patches, bank, bank_sq, "paper")
+    one = image_score(paper_scores, paper_nearest, patches, bank, bank_sq, "paper", top_k=1)
+    three = image_score(paper_scores, paper_nearest, patches, bank, bank_sq, "paper", top_k=3)
+    ratio = paper_scores.sort(descending=True).values[:3].mean() / paper_scores.max()
+    torch.testing.assert_close(three, one * ratio)

@@ -18,11 +18,16 @@ from patchcore.coreset import (
 )
 
 
-@pytest.fixture(params=[3, 256], ids=["tiny-blocks", "default-blocks"])
+@pytest.fixture(
+    params=[(3, None), (256, None), (16, 2)], ids=["tiny-blocks", "default-blocks", "narrow-filter"]
+)
 def block_size(request, monkeypatch):
-    """Run block-sensitive tests both with many tiny blocks and with the default size."""
-    monkeypatch.setattr(coreset, "_BLOCK_SIZE", request.param)
-    return request.param
+    """Run block-sensitive tests with many tiny blocks, with the default size, and with a
+    2-dimensional matrix filter (a loose partial-distance bound: many pairs reach the exact step)."""
+    size, filter_dim = request.param
+    monkeypatch.setattr(coreset, "_BLOCK_SIZE", size)
+    monkeypatch.setattr(coreset, "_FILTER_DIM", filter_dim)
+    return size
 
 
 def make_data(kind: str, n: int, dim: int, seed: int) -> np.ndarray:
@@ -140,6 +145,23 @@ def test_squared_distances_row_independent():
         # one center per row (pairwise form) gives the same values as a broadcast center
         pairwise = coreset._squared_distances(z[idx], np.repeat(center[None], idx.size, axis=0))
         np.testing.assert_array_equal(pairwise, full[idx])
+
+
+def test_filter_basis_finds_the_leading_axes():
+    rng = np.random.default_rng(0)
+    # variance in 3 directions of 40, plus faint noise: 8 axes (3 rounded up to a multiple of 8)
+    x = rng.standard_normal((2000, 3)) @ rng.standard_normal((3, 40)) * 5 + 0.01 * rng.standard_normal((2000, 40))
+    x = x.astype(np.float32)
+    mean, basis, norm = coreset._filter_basis(x)
+    assert basis.shape == (40, 8)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(8), atol=1e-12)
+    assert 1.0 <= norm < 1.0 + 1e-9
+    np.testing.assert_allclose(mean, x.mean(axis=0, dtype=np.float64))
+    # the partial distance along the axes is a lower bound and carries nearly all of it
+    d_full = ((x[:100, None] - x[None, :100]) ** 2).sum(-1)
+    d_part = (((x[:100] - mean) @ basis)[:, None] - ((x[:100] - mean) @ basis)[None]) ** 2
+    assert (d_part.sum(-1) <= d_full * (1 + 1e-5) + 1e-9).all()
+    assert d_part.sum(-1).sum() > 0.99 * d_full.sum()
 
 
 def test_selection_properties():
