@@ -29,7 +29,7 @@ def test_fit_returns_self_and_shapes(fitted, rng_images):
     assert fitted.n_train_ == len(rng_images)
     h, w = fitted.feature_shape_
     assert (h, w) == (7, 7)  # 56 px / stride 8
-    assert fitted.memory_bank_.shape == (round(0.25 * 6 * 49), 40 + 112)
+    assert fitted.memory_bank_.shape == (round(0.25 * 6 * 49), 40 + 80)
     scores = fitted.score_samples(rng_images[:3])
     assert scores.shape == (3,) and np.all(scores >= 0)
     maps = fitted.anomaly_maps(rng_images[:2])
