@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .config import CORESET_METHODS, NORMALIZATIONS, SCORING_MODES, PatchCoreConfig
 from .errors import PatchCoreError
+from .search import SEARCH_BACKENDS
 
 logger = logging.getLogger("patchcore")
 
@@ -62,6 +63,10 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime (never changes results)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     group.add_argument("--batch-size", type=int, default=None, help="images per backbone pass (default: 1 on a CPU, 32 on a GPU)")
+    group.add_argument(
+        "--search", choices=SEARCH_BACKENDS, default="exact",
+        help="nearest-neighbour backend (default: exact; faiss-* need pip install 'patchcore[faiss]'; ivf/hnsw are approximate)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +106,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     dataset = open_dataset(args.data)
-    model = PatchCore(config, device=args.device, batch_size=args.batch_size, progress=True).fit(dataset.train)
+    model = PatchCore(config, device=args.device, batch_size=args.batch_size, search=args.search, progress=True).fit(dataset.train)
     model.save(args.output)
     stats = model.fit_stats_
     logger.info(
@@ -142,7 +147,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .model import PatchCore
     from .reports import write_csv, write_npy
 
-    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=True)
+    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, search=args.search, progress=True)
     inputs = collect_inputs(args.inputs)
     out = Path(args.output)
     rows: list[dict] = []
@@ -191,10 +196,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         if given_settings(args):
             raise PatchCoreError("--model takes its settings from the model file: drop the model settings flags")
-        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=True)
+        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, search=args.search, progress=True)
     else:
         config = config_from_args(args)
-        model = PatchCore(config, device=args.device, batch_size=args.batch_size, progress=True).fit(dataset.train)
+        model = PatchCore(config, device=args.device, batch_size=args.batch_size, search=args.search, progress=True).fit(dataset.train)
     metrics, rows = evaluate(model, dataset)
     metrics["config"] = model.config.to_dict()
     out = Path(args.output)

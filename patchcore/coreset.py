@@ -38,6 +38,8 @@ __all__ = [
     "greedy_coreset",
     "greedy_coreset_reference",
     "random_coreset",
+    "rows_for_memory",
+    "StreamingCoreset",
 ]
 
 _F32_UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2.0  # 2**-24
@@ -554,3 +556,276 @@ def _greedy_blocks(
         100.0 * (stats["exact"] + n) / max(1, n * n_select),
     )
     return selected
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def rows_for_memory(max_bytes: int, dim: int) -> int:
+    """How many ``dim``-dimensional float32 rows fit in ``max_bytes`` (at least 1).
+
+    This sizes the :class:`StreamingCoreset` buffer (``max_rows``). It counts the buffer only;
+    a reduction temporarily needs more (see :class:`StreamingCoreset`), and whether the result
+    can hold the requested coreset is for the caller to check (``finish`` needs at least
+    ``n_select`` kept rows, i.e. ``int(max_rows * shrink) >= n_select`` is always enough).
+
+    Args:
+        max_bytes: memory budget in bytes, ``>= 1``.
+        dim: feature dimension ``D >= 1``.
+
+    Returns:
+        ``max(1, max_bytes // (4 * dim))``.
+    """
+    max_bytes = _as_int(max_bytes, "max_bytes")
+    dim = _as_int(dim, "dim")
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1 (a memory budget in bytes), got {max_bytes}")
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1 (the feature dimension), got {dim}")
+    return max(1, max_bytes // (4 * dim))
+
+
+def _reduction_seed(seed: int, count: int) -> np.random.Generator:
+    """Generator of the ``count``-th reduction (0-based) of a stream with base ``seed``.
+
+    A child of ``SeedSequence(seed)`` (spawn key ``(count,)``): deterministic, different for
+    every reduction, and independent of ``default_rng(seed)``, which the final selection uses.
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(count,)))
+
+
+class StreamingCoreset:
+    """Accumulates ``(n, D)`` float32 feature rows and keeps memory bounded by ``max_rows``.
+
+    ``add(rows)`` appends rows; whenever the buffer would exceed ``max_rows``, the buffer is
+    reduced to ``shard_keep = max(1, int(max_rows * shrink))`` rows by :func:`greedy_coreset`
+    (its own seed derived deterministically from the base seed and the reduction count, see
+    :func:`_reduction_seed`), then accumulation continues. ``finish(n_select)`` runs the final
+    greedy on what is kept (the union of the reduced shards and the tail) and returns the
+    selected rows.
+
+    Properties:
+
+    * Identity with the non-streaming path: if no reduction happened (``n_seen <= max_rows``),
+      ``finish(k)`` returns exactly ``features[greedy_coreset(features, k, seed=seed)]``.
+    * The state depends only on the sequence of rows, not on how it is cut into ``add``
+      calls: the buffer is filled to exactly ``max_rows`` and reduced only when one more row
+      arrives.
+    * Kept rows stay in arrival order; every returned row is a row that was added (bitwise,
+      after conversion to float32), and ``stats["indices"]`` gives its position in the stream.
+
+    Memory: one preallocated ``(max_rows, D)`` float32 buffer plus an ``(max_rows,)`` int64
+    array of stream positions. A reduction (and ``finish``) additionally needs the working
+    memory of :func:`greedy_coreset` on ``max_rows`` rows (the ``max_rows x projection_dim``
+    float32 projection and O(max_rows) per-row state) and one ``shard_keep x D`` temporary
+    for the compaction; so the peak is O(max_rows * (D + projection_dim)), independent of
+    the stream length. ``add`` converts a batch that is not already float32 to a float32
+    copy of that batch.
+
+    Args:
+        dim: feature dimension ``D >= 1``.
+        max_rows: buffer capacity in rows, ``>= 2`` (see :func:`rows_for_memory`).
+        projection_dim: passed to :func:`greedy_coreset` for reductions and the final selection.
+        seed: base seed, an int ``>= 0``. The final selection uses it directly.
+        shrink: fraction of ``max_rows`` kept by a reduction, in ``(0, 1)``.
+    """
+
+    def __init__(
+        self, dim: int, max_rows: int, *, projection_dim: int = 128, seed: int = 0, shrink: float = 0.5
+    ) -> None:
+        dim = _as_int(dim, "dim")
+        max_rows = _as_int(max_rows, "max_rows")
+        projection_dim = _as_int(projection_dim, "projection_dim")
+        seed = _as_int(seed, "seed")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1 (the feature dimension), got {dim}")
+        if projection_dim < 1:
+            raise ValueError(f"projection_dim must be >= 1, got {projection_dim}")
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if isinstance(shrink, bool) or not isinstance(shrink, (int, float, np.integer, np.floating)):
+            raise ValueError(f"shrink must be a number in (0, 1), got {shrink!r}")
+        shrink = float(shrink)
+        if not (0.0 < shrink < 1.0):  # also rejects NaN
+            raise ValueError(f"shrink must be in (0, 1) (the fraction a reduction keeps), got {shrink}; e.g. 0.5")
+        shard_keep = max(1, int(max_rows * shrink))
+        if max_rows < 2 or shard_keep >= max_rows:
+            raise ValueError(
+                f"max_rows={max_rows} with shrink={shrink} keeps {shard_keep} rows per reduction, which frees "
+                "no room; raise max_rows (at least 2) or lower shrink"
+            )
+        self.dim = dim
+        self.max_rows = max_rows
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.shrink = shrink
+        self.shard_keep = shard_keep
+        self._buffer = np.empty((max_rows, dim), dtype=np.float32)
+        self._index = np.empty(max_rows, dtype=np.int64)  # stream position of each kept row
+        self._fill = 0
+        self._n_seen = 0
+        self._n_reductions = 0
+        self._reduce_seconds = 0.0
+        self._broken: str | None = None
+
+    @property
+    def n_seen(self) -> int:
+        """Rows added in total."""
+        return self._n_seen
+
+    @property
+    def n_kept(self) -> int:
+        """Rows currently in the buffer (reduced shards and the tail)."""
+        return self._fill
+
+    @property
+    def n_reductions(self) -> int:
+        """Number of reductions so far."""
+        return self._n_reductions
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise ValueError(
+                f"this StreamingCoreset is unusable after a failed reduction ({self._broken}); "
+                "fix the features and create a new StreamingCoreset"
+            )
+
+    def _as_rows(self, rows: Any) -> np.ndarray:
+        """Validate a batch and return it as a C-contiguous ``(n, D)`` float32 array (n may be 0)."""
+        try:
+            import torch
+
+            if isinstance(rows, torch.Tensor):
+                if rows.is_complex():
+                    raise ValueError(f"rows must be real numbers, got dtype {rows.dtype}")
+                # float32 CPU tensors are shared, not copied; half, bfloat16 and ints are converted
+                rows = rows.detach().to(device="cpu", dtype=torch.float32).numpy()
+        except ImportError:  # pragma: no cover - torch is a dependency, but the module does not need it
+            pass
+        arr = np.asarray(rows)
+        if arr.ndim != 2:
+            raise ValueError(
+                f"rows must be a 2-D (n, D) array, got shape {arr.shape}; "
+                "flatten patch features with rows.reshape(-1, D)"
+            )
+        if arr.shape[1] != self.dim:
+            raise ValueError(
+                f"rows have {arr.shape[1]} columns but this StreamingCoreset was created with dim={self.dim}; "
+                f"create it with dim={arr.shape[1]} or pass features of the matching layer"
+            )
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"rows must be real numbers, got dtype {arr.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported below
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(
+                "rows contain NaN or infinite values (after conversion to float32); "
+                "remove or fix those rows before add()"
+            )
+        return arr
+
+    def add(self, rows: Any) -> None:
+        """Append a batch of ``(n, D)`` rows (numpy or torch), reducing the buffer as needed.
+
+        Invalid batches raise ValueError before anything is changed. ``n = 0`` is a no-op.
+        """
+        self._check_usable()
+        arr = self._as_rows(rows)
+        pos = 0
+        n = arr.shape[0]
+        while pos < n:
+            if self._fill == self.max_rows:
+                self._reduce()
+            take = min(n - pos, self.max_rows - self._fill)
+            self._buffer[self._fill : self._fill + take] = arr[pos : pos + take]
+            self._index[self._fill : self._fill + take] = np.arange(
+                self._n_seen, self._n_seen + take, dtype=np.int64
+            )
+            self._fill += take
+            self._n_seen += take
+            pos += take
+
+    def _reduce(self) -> None:
+        """Replace the (full) buffer by its greedy coreset of ``shard_keep`` rows, in arrival order."""
+        t0 = time.perf_counter()
+        try:
+            sel = greedy_coreset(
+                self._buffer[: self._fill],
+                self.shard_keep,
+                projection_dim=self.projection_dim,
+                seed=_reduction_seed(self.seed, self._n_reductions),
+            )
+        except ValueError as exc:  # e.g. features too large for float32 distances
+            self._broken = str(exc)
+            raise
+        sel.sort()  # keep arrival order (the fancy index below copies before it writes)
+        self._buffer[: sel.size] = self._buffer[sel]
+        self._index[: sel.size] = self._index[sel]
+        self._fill = int(sel.size)
+        self._n_reductions += 1
+        self._reduce_seconds += time.perf_counter() - t0
+        logger.debug(
+            "streaming coreset: reduction %d kept %d of %d rows in %.2fs (%d rows seen)",
+            self._n_reductions,
+            self._fill,
+            self.max_rows,
+            time.perf_counter() - t0,
+            self._n_seen,
+        )
+
+    def finish(self, n_select: int, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict]:
+        """Greedy coreset of ``n_select`` rows out of the kept rows, with the base seed.
+
+        Does not change the state: more rows may be added afterwards and ``finish`` called again.
+
+        Args:
+            n_select: number of rows to select, in ``[1, n_kept]``.
+            progress: optional callback passed to :func:`greedy_coreset`.
+
+        Returns:
+            ``rows``: ``(n_select, D)`` float32, a new array, in selection order;
+            ``stats``: ``indices`` (``(n_select,)`` int64 stream positions of the rows),
+            ``n_seen``, ``n_kept``, ``n_reductions``, ``max_rows``, ``shard_keep``,
+            ``reduce_seconds`` (total time spent in reductions), ``finish_seconds``.
+        """
+        self._check_usable()
+        n_select = _as_int(n_select, "n_select")
+        if self._fill == 0:
+            raise ValueError("no rows were added; call add() with features before finish()")
+        if n_select < 1:
+            raise ValueError(f"n_select must be >= 1, got {n_select}")
+        if n_select > self._fill:
+            if self._n_reductions == 0:
+                raise ValueError(
+                    f"n_select={n_select} but only {self._n_seen} rows were added; "
+                    "add more rows or lower n_select"
+                )
+            need = max(2, int(np.ceil(n_select / self.shrink)))  # smallest max_rows with shard_keep >= n_select
+            while int(need * self.shrink) < n_select:
+                need += 1
+            raise ValueError(
+                f"n_select={n_select} but only {self._fill} of {self._n_seen} rows are kept after "
+                f"{self._n_reductions} reductions (max_rows={self.max_rows}, shrink={self.shrink} keeps "
+                f"{self.shard_keep} per reduction); raise max_rows to at least {need} (or raise shrink, "
+                "or lower n_select)"
+            )
+        t0 = time.perf_counter()
+        sel = greedy_coreset(
+            self._buffer[: self._fill],
+            n_select,
+            projection_dim=self.projection_dim,
+            seed=self.seed,
+            progress=progress,
+        )
+        rows = self._buffer[sel]
+        stats = {
+            "indices": self._index[sel],
+            "n_seen": self._n_seen,
+            "n_kept": self._fill,
+            "n_reductions": self._n_reductions,
+            "max_rows": self.max_rows,
+            "shard_keep": self.shard_keep,
+            "reduce_seconds": self._reduce_seconds,
+            "finish_seconds": time.perf_counter() - t0,
+        }
+        return rows, stats

@@ -23,7 +23,7 @@ from .features import patch_features
 from .images import Geometry, ImageLike, load_image, map_to_original, preprocess
 from .maps import anomaly_maps
 from .scoring import image_score, patch_scores
-from .search import squared_norms
+from .search import SEARCH_BACKENDS, build_index
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ class PatchCore:
     """PatchCore anomaly detector (Roth et al., CVPR 2022).
 
     ``PatchCore(config=None, **settings)``: settings are :class:`PatchCoreConfig` fields and override
-    ``config``. ``device``, ``batch_size``, ``chunk_size`` and ``progress`` only change how fast it runs,
-    never the results, so they are not part of the saved config. ``batch_size=None`` picks 1 image per
+    ``config``. ``device``, ``batch_size``, ``chunk_size``, ``search`` and ``progress`` only change how
+    fast it runs, so they are not part of the saved config (``search`` = ``exact`` or ``faiss-flat`` give
+    the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift measured in
+    benchmarks/search_bench.py). ``batch_size=None`` picks 1 image per
     backbone pass on a CPU (measured fastest there: big activations thrash the caches) and 32 elsewhere.
     """
 
@@ -52,6 +54,7 @@ class PatchCore:
         device: str = "cpu",
         batch_size: int | None = None,
         chunk_size: int = 8192,
+        search: str = "exact",
         progress: bool = False,
         **settings,
     ) -> None:
@@ -59,6 +62,7 @@ class PatchCore:
         self.device = device
         self.batch_size = batch_size
         self.chunk_size = chunk_size
+        self.search = search
         self.progress = progress
 
     # ------------------------------------------------------------------ fitting
@@ -113,8 +117,10 @@ class PatchCore:
         return create_backbone(self.config.backbone, self.config.layers, self.config.weights).to(self.device)
 
     def _set_bank(self, bank: torch.Tensor) -> None:
+        if self.search not in SEARCH_BACKENDS:
+            raise PatchCoreError(f"search={self.search!r} is not one of {', '.join(SEARCH_BACKENDS)}")
         self.memory_bank_ = bank.to(self.device, torch.float32)
-        self._bank_sq = squared_norms(self.memory_bank_)
+        self._index = build_index(self.memory_bank_, self.search, self.chunk_size, self.config.seed)
 
     # ------------------------------------------------------------------ features
     def _normalization(self, backbone: Backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -170,16 +176,16 @@ class PatchCore:
         """Per image: (image score, (S, S) anomaly map at input resolution or None, geometry)."""
         backbone = self._check_fitted()
         cfg = self.config
-        bank, bank_sq = self.memory_bank_, self._bank_sq
+        index = self._index
         for feats, geometries in self._features(list(images), backbone, "scoring"):
             batch, h, w, dim = feats.shape
             flat = feats.reshape(-1, dim)
             with torch.inference_mode():
-                scores, nearest = patch_scores(flat, bank, bank_sq, cfg.scoring, cfg.k, self.chunk_size)
+                scores, nearest = patch_scores(flat, index, cfg.scoring, cfg.k)
                 scores, nearest, flat = scores.view(batch, h * w), nearest.view(batch, h * w), flat.view(batch, h * w, dim)
                 maps = anomaly_maps(scores.view(batch, h, w), cfg.input_size, cfg.sigma) if with_maps else None
                 for i, geometry in enumerate(geometries):
-                    score = image_score(scores[i], nearest[i], flat[i], bank, bank_sq, cfg.scoring, cfg.num_neighbors, cfg.image_top_k)
+                    score = image_score(scores[i], nearest[i], flat[i], index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k)
                     yield float(score), (maps[i].cpu() if maps is not None else None), geometry
 
     def score_samples(self, images: Sequence[ImageLike]) -> np.ndarray:

@@ -13,30 +13,35 @@ from __future__ import annotations
 
 import torch
 
-from .search import knn
+from typing import Protocol
 
 
-def patch_scores(
-    patches: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, mode: str, k: int = 1, chunk_size: int = 8192
-) -> tuple[torch.Tensor, torch.Tensor]:
+class Index(Protocol):
+    """What scoring needs of a search index (``search.ExactIndex``, ``search_faiss.FaissIndex``)."""
+
+    bank: torch.Tensor
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def patch_scores(patches: torch.Tensor, index: Index, mode: str, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, D) patches -> ((P,) scores, (P,) index of each patch's nearest bank element)."""
     if mode == "official":
-        dists, idx = knn(patches, bank, min(k, bank.shape[0]), bank_sq=bank_sq, chunk_size=chunk_size)
+        dists, idx = index.search(patches, min(k, index.bank.shape[0]))
         return dists.mean(dim=1), idx[:, 0]
-    dists, idx = knn(patches, bank, 1, bank_sq=bank_sq, chunk_size=chunk_size)
+    dists, idx = index.search(patches, 1)
     return dists[:, 0].sqrt(), idx[:, 0]
 
 
-def reweighting_factor(
-    test_patch: torch.Tensor, nearest: int, bank: torch.Tensor, bank_sq: torch.Tensor, num_neighbors: int
-) -> torch.Tensor:
+def reweighting_factor(test_patch: torch.Tensor, nearest: int, index: Index, num_neighbors: int) -> torch.Tensor:
     """Eq. 7's factor for the most anomalous patch (D,) whose nearest bank row is ``nearest``.
 
     N_b(m*) are the b nearest bank rows of m* (m* itself first); the factor is
     1 - softmax(|m_test* - m| over N_b)[m*], which lies in [1 - 1/b, 1].
     """
+    bank = index.bank
     b = min(num_neighbors, bank.shape[0])
-    _, support = knn(bank[nearest][None], bank, b, bank_sq=bank_sq)
+    _, support = index.search(bank[nearest][None], b)
     # m* is its own nearest neighbour, but ties with duplicate rows may order it elsewhere: put it first.
     support = support[0]
     support = torch.cat([support.new_tensor([nearest]), support[support != nearest]])[:b]
@@ -48,8 +53,7 @@ def image_score(
     scores: torch.Tensor,
     nearest: torch.Tensor,
     patches: torch.Tensor,
-    bank: torch.Tensor,
-    bank_sq: torch.Tensor,
+    index: Index,
     mode: str,
     num_neighbors: int = 9,
     top_k: int = 1,
@@ -62,4 +66,4 @@ def image_score(
     aggregate = scores[top] if top_k == 1 else scores.topk(min(top_k, scores.numel())).values.mean()
     if mode == "official":
         return aggregate
-    return aggregate * reweighting_factor(patches[top], int(nearest[top]), bank, bank_sq, num_neighbors)
+    return aggregate * reweighting_factor(patches[top], int(nearest[top]), index, num_neighbors)

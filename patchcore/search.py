@@ -42,3 +42,33 @@ def knn(
         dists.append(value)
         indices.append(index)
     return torch.cat(dists), torch.cat(indices)
+
+
+class ExactIndex:
+    """Exact search over a fixed bank (its squared norms computed once); same contract as FaissIndex."""
+
+    def __init__(self, bank: torch.Tensor, chunk_size: int = 8192) -> None:
+        self.bank = bank
+        self.bank_sq = squared_norms(bank)
+        self.chunk_size = chunk_size
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, D) queries -> (squared L2 distances (Q, k) ascending, indices (Q, k))."""
+        return knn(queries, self.bank, k, bank_sq=self.bank_sq, chunk_size=self.chunk_size)
+
+
+SEARCH_BACKENDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+
+
+def build_index(bank: torch.Tensor, backend: str = "exact", chunk_size: int = 8192, seed: int = 0):
+    """An index over ``bank`` (M, D): ``exact`` (blocked GEMM) or a faiss index (``pip install 'patchcore[faiss]'``).
+
+    The approximate faiss kinds (ivf, hnsw) trade a small score drift for speed: see benchmarks/search_bench.py.
+    """
+    if backend == "exact":
+        return ExactIndex(bank, chunk_size)
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"search backend {backend!r} is not one of {', '.join(SEARCH_BACKENDS)}")
+    from .search_faiss import FaissIndex
+
+    return FaissIndex(bank, backend.removeprefix("faiss-"), seed=seed)

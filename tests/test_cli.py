@@ -133,3 +133,14 @@ def test_bad_flag_values_are_one_line_errors(category, tmp_path):
     assert result.returncode != 0 and "coreset_ratio" in result.stderr and "Traceback" not in result.stderr
     result = run("evaluate", category / "train" / "good", "-o", tmp_path / "e", *FAST)
     assert result.returncode != 0 and "no test split" in result.stderr
+
+
+def test_predict_with_the_faiss_backend_matches_exact(model_file, category, tmp_path):
+    pytest.importorskip("faiss")
+    exact, flat = tmp_path / "exact", tmp_path / "flat"
+    assert run("predict", model_file, category / "test", "-o", exact).returncode == 0
+    result = run("predict", model_file, category / "test", "-o", flat, "--search", "faiss-flat")
+    assert result.returncode == 0, result.stderr
+    a = [float(r["score"]) for r in read_csv(exact / "scores.csv")]
+    b = [float(r["score"]) for r in read_csv(flat / "scores.csv")]
+    np.testing.assert_allclose(a, b, rtol=1e-4)

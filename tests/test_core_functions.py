@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from patchcore.features import local_average, patch_features, pool_channels
 from patchcore.maps import anomaly_maps, gaussian_blur
 from patchcore.scoring import image_score, patch_scores, reweighting_factor
-from patchcore.search import knn, squared_norms
+from patchcore.search import ExactIndex, knn
 
 
 def test_local_average_is_the_zero_padded_neighbourhood_mean():
@@ -68,33 +68,33 @@ def test_knn_rejects_bad_shapes():
 def _bank():
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(50, 4, generator=g)
-    return bank, squared_norms(bank), torch.randn(30, 4, generator=g) * 2
+    return bank, ExactIndex(bank, chunk_size=7), torch.randn(30, 4, generator=g) * 2
 
 
 def test_paper_mode_uses_l2_and_official_mode_squared_l2_mean_over_k():
-    bank, bank_sq, patches = _bank()
+    bank, index, patches = _bank()
     full = torch.cdist(patches, bank)
-    paper, nearest = patch_scores(patches, bank, bank_sq, "paper")
+    paper, nearest = patch_scores(patches, index, "paper")
     torch.testing.assert_close(paper, full.min(1).values, atol=1e-4, rtol=1e-4)
     assert torch.equal(nearest, full.argmin(1))
-    official, _ = patch_scores(patches, bank, bank_sq, "official", k=3)
+    official, _ = patch_scores(patches, index, "official", k=3)
     torch.testing.assert_close(official, (full**2).topk(3, largest=False).values.mean(1), atol=1e-4, rtol=1e-4)
 
 
 def test_eq7_reweighting_matches_the_formula_and_its_bounds():
-    bank, bank_sq, patches = _bank()
-    scores, nearest = patch_scores(patches, bank, bank_sq, "paper")
+    bank, index, patches = _bank()
+    scores, nearest = patch_scores(patches, index, "paper")
     top = int(scores.argmax())
     m_star = int(nearest[top])
     b = 9
     support = torch.cdist(bank[m_star][None], bank)[0].argsort()[:b]
     dist = torch.linalg.vector_norm(bank[support] - patches[top], dim=1)
     expected = (1 - torch.exp(dist[0]) / torch.exp(dist).sum()) * scores[top]
-    got = image_score(scores, nearest, patches, bank, bank_sq, "paper", num_neighbors=b)
+    got = image_score(scores, nearest, patches, index, "paper", num_neighbors=b)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    factor = reweighting_factor(patches[top], m_star, bank, bank_sq, b)
+    factor = reweighting_factor(patches[top], m_star, index, b)
     assert 1 - 1 / b - 1e-6 <= float(factor) <= 1.0
-    assert float(image_score(scores, nearest, patches, bank, bank_sq, "official")) == float(scores.max())
+    assert float(image_score(scores, nearest, patches, index, "official")) == float(scores.max())
 
 
 def test_gaussian_blur_matches_scipy():
@@ -115,13 +115,13 @@ def test_anomaly_maps_upsample_to_input_size_and_keep_the_hot_spot():
 
 
 def test_image_top_k_averages_the_largest_patch_scores():
-    bank, bank_sq, patches = _bank()
-    scores, nearest = patch_scores(patches, bank, bank_sq, "official")
+    bank, index, patches = _bank()
+    scores, nearest = patch_scores(patches, index, "official")
     top3 = scores.sort(descending=True).values[:3].mean()
-    got = image_score(scores, nearest, patches, bank, bank_sq, "official", top_k=3)
+    got = image_score(scores, nearest, patches, index, "official", top_k=3)
     torch.testing.assert_close(got, top3)
-    paper_scores, paper_nearest = patch_scores(patches, bank, bank_sq, "paper")
-    one = image_score(paper_scores, paper_nearest, patches, bank, bank_sq, "paper", top_k=1)
-    three = image_score(paper_scores, paper_nearest, patches, bank, bank_sq, "paper", top_k=3)
+    paper_scores, paper_nearest = patch_scores(patches, index, "paper")
+    one = image_score(paper_scores, paper_nearest, patches, index, "paper", top_k=1)
+    three = image_score(paper_scores, paper_nearest, patches, index, "paper", top_k=3)
     ratio = paper_scores.sort(descending=True).values[:3].mean() / paper_scores.max()
     torch.testing.assert_close(three, one * ratio)

@@ -180,3 +180,13 @@ def test_accepts_paths_pil_arrays_and_tensors(fitted, rng_images, tmp_path):
     sources = [path, Image.fromarray(image), image, torch.from_numpy(image).permute(2, 0, 1), image.astype(np.uint16) * 257]
     scores = fitted.score_samples(sources)
     np.testing.assert_allclose(scores, scores[0], rtol=1e-6)
+
+
+def test_faiss_flat_search_gives_the_exact_scores(fitted, rng_images):
+    pytest.importorskip("faiss")
+    model = PatchCore(fitted.config, search="faiss-flat")
+    model.backbone_, model.n_train_, model.feature_shape_ = fitted.backbone_, fitted.n_train_, fitted.feature_shape_
+    model._set_bank(fitted.memory_bank_)
+    np.testing.assert_allclose(model.score_samples(rng_images[:3]), fitted.score_samples(rng_images[:3]), rtol=1e-4)
+    with pytest.raises(PatchCoreError, match="search="):
+        PatchCore(search="annoy")._set_bank(fitted.memory_bank_)
