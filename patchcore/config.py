@@ -33,6 +33,9 @@ class PatchCoreConfig:
         the stack to that many dimensions by adaptive average pooling, like the official code (1024).
     coreset_method, coreset_ratio, coreset_size, projection_dim: memory-bank subsampling; an absolute
         coreset_size wins over coreset_ratio.
+    max_bank_memory: MiB allowed for the patch-feature bank during fit; None holds every feature at once.
+        When set, the bank is reduced by greedy coresets in shards as it grows, then once more over the
+        union, so training sets far larger than memory fit (at a small, measured coverage cost).
     scoring: "paper" (L2 distance, image score = max patch score reweighted by eq. 7 over
         num_neighbors bank neighbours) or "official" (squared L2, patch score = mean over the k nearest,
         image score = max), see README.
@@ -54,6 +57,7 @@ class PatchCoreConfig:
     coreset_ratio: float = 0.01
     coreset_size: int | None = None
     projection_dim: int = 128
+    max_bank_memory: int | None = None
     scoring: str = "paper"
     num_neighbors: int = 9
     k: int = 1
@@ -79,6 +83,8 @@ class PatchCoreConfig:
             raise PatchCoreError(f"coreset_ratio={self.coreset_ratio} must lie in (0, 1], e.g. 0.1 for 10%")
         if self.coreset_size is not None and self.coreset_size < 1:
             raise PatchCoreError("coreset_size must be at least 1")
+        if self.max_bank_memory is not None and self.max_bank_memory < 1:
+            raise PatchCoreError("max_bank_memory is in MiB and must be at least 1")
         if self.projection_dim < 1:
             raise PatchCoreError("projection_dim must be at least 1 (paper: 128)")
         if self.num_neighbors < 1 or self.k < 1 or self.image_top_k < 1:

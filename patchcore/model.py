@@ -17,7 +17,7 @@ import torch
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
 from .config import PatchCoreConfig
-from .coreset import coreset_size, greedy_coreset, random_coreset
+from .coreset import StreamingCoreset, coreset_size, greedy_coreset, random_coreset, rows_for_memory
 from .errors import NotFittedError, PatchCoreError
 from .features import patch_features
 from .images import Geometry, ImageLike, load_image, map_to_original, preprocess
@@ -71,47 +71,88 @@ class PatchCore:
         images = list(images)
         if not images:
             raise PatchCoreError("no training images: fit needs at least one good image")
-        cfg = self.config
         started = time.perf_counter()
         backbone = self._make_backbone()
-        bank: torch.Tensor | None = None
-        filled = 0
-        for feats, _ in self._features(images, backbone, "extracting features"):
-            rows = feats.reshape(-1, feats.shape[-1])
-            if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
-                feature_shape = tuple(feats.shape[1:3])
-                bank = torch.empty(len(images) * rows.shape[0] // feats.shape[0], rows.shape[1])
-            bank[filled : filled + rows.shape[0]] = rows.cpu()
-            filled += rows.shape[0]
-        assert bank is not None and filled == bank.shape[0]
-        feature_seconds = time.perf_counter() - started
-
-        started_coreset = time.perf_counter()
-        n_select = coreset_size(bank.shape[0], cfg.coreset_ratio, cfg.coreset_size)
-        if cfg.coreset_method == "random":
-            chosen = random_coreset(bank.shape[0], n_select, seed=cfg.seed)
+        batches = self._features(images, backbone, "extracting features")
+        if self.config.max_bank_memory is None:
+            coreset, feature_shape, stats = self._coreset_in_memory(batches, len(images))
         else:
-            from tqdm.auto import tqdm
-
-            with tqdm(total=n_select, desc="coreset", unit="patch", disable=None if self.progress else True, leave=False) as bar:
-                chosen = greedy_coreset(
-                    bank, n_select, projection_dim=cfg.projection_dim, seed=cfg.seed, progress=lambda n: bar.update(n - bar.n)
-                )
-        coreset = bank[torch.from_numpy(np.asarray(chosen))].contiguous()
-        coreset_seconds = time.perf_counter() - started_coreset
-
+            coreset, feature_shape, stats = self._coreset_streaming(batches)
         self._set_bank(coreset)
         self.backbone_ = backbone
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
-        self.fit_stats_ = {
+        self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
+        logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
+        return self
+
+    def _coreset_in_memory(self, batches, n_images: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
+        """All patch features in one preallocated bank, then one coreset over it."""
+        cfg = self.config
+        started = time.perf_counter()
+        bank: torch.Tensor | None = None
+        filled = 0
+        for feats, _ in batches:
+            rows = feats.reshape(-1, feats.shape[-1])
+            if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
+                feature_shape = tuple(feats.shape[1:3])
+                bank = torch.empty(n_images * rows.shape[0] // feats.shape[0], rows.shape[1])
+            bank[filled : filled + rows.shape[0]] = rows.cpu()
+            filled += rows.shape[0]
+        feature_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        n_select = coreset_size(bank.shape[0], cfg.coreset_ratio, cfg.coreset_size)
+        if cfg.coreset_method == "random":
+            chosen = random_coreset(bank.shape[0], n_select, seed=cfg.seed)
+        else:
+            with self._bar(n_select, "coreset") as bar:
+                chosen = greedy_coreset(
+                    bank, n_select, projection_dim=cfg.projection_dim, seed=cfg.seed, progress=lambda n: bar.update(n - bar.n)
+                )
+        coreset = bank[torch.from_numpy(np.asarray(chosen))].contiguous()
+        stats = {
             "feature_seconds": feature_seconds,
-            "coreset_seconds": coreset_seconds,
-            "fit_seconds": time.perf_counter() - started,
+            "coreset_seconds": time.perf_counter() - started,
             "full_bank_size": int(bank.shape[0]),
         }
-        logger.info("memory bank: %d of %d patch features kept", n_select, bank.shape[0])
-        return self
+        return coreset, feature_shape, stats
+
+    def _coreset_streaming(self, batches) -> tuple[torch.Tensor, tuple[int, int], dict]:
+        """Bounded memory: a fixed buffer reduced by greedy coresets whenever it fills (shards), then a
+        greedy coreset over what the shards kept. The budget covers the buffer and the reductions'
+        temporaries (measured at up to ~8x the buffer), so the buffer gets an eighth of it."""
+        cfg = self.config
+        if cfg.coreset_method != "greedy":
+            raise PatchCoreError("max_bank_memory needs coreset_method='greedy'")
+        stream: StreamingCoreset | None = None
+        started = time.perf_counter()
+        for feats, _ in batches:
+            rows = feats.reshape(-1, feats.shape[-1]).cpu()
+            if stream is None:
+                feature_shape = tuple(feats.shape[1:3])
+                max_rows = max(2, rows_for_memory(cfg.max_bank_memory * 2**20 // 8, rows.shape[1]))
+                stream = StreamingCoreset(rows.shape[1], max_rows, projection_dim=cfg.projection_dim, seed=cfg.seed)
+            stream.add(rows.numpy())
+        feature_seconds = time.perf_counter() - started  # includes the shard reductions done on the way
+        started = time.perf_counter()
+        n_select = coreset_size(stream.n_seen, cfg.coreset_ratio, cfg.coreset_size)
+        try:
+            with self._bar(n_select, "coreset") as bar:
+                rows, info = stream.finish(n_select, progress=lambda n: bar.update(n - bar.n))
+        except ValueError as exc:
+            raise PatchCoreError(f"{exc} (raise --max-bank-memory, or lower --coreset-ratio)") from exc
+        stats = {
+            "feature_seconds": feature_seconds,
+            "coreset_seconds": time.perf_counter() - started,
+            "full_bank_size": int(stream.n_seen),
+            "shard_reductions": int(info["n_reductions"]),
+        }
+        return torch.from_numpy(rows), feature_shape, stats
+
+    def _bar(self, total: int, what: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=what, unit="patch", disable=None if self.progress else True, leave=False)
 
     def _make_backbone(self) -> Backbone:
         return create_backbone(self.config.backbone, self.config.layers, self.config.weights).to(self.device)

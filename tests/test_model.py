@@ -190,3 +190,24 @@ def test_faiss_flat_search_gives_the_exact_scores(fitted, rng_images):
     np.testing.assert_allclose(model.score_samples(rng_images[:3]), fitted.score_samples(rng_images[:3]), rtol=1e-4)
     with pytest.raises(PatchCoreError, match="search="):
         PatchCore(search="annoy")._set_bank(fitted.memory_bank_)
+
+
+def test_bounded_memory_fit_streams_shards(rng_images):
+    # 6 images x 49 patches x 120 dims; 1 MiB // 8 holds ~270 rows, so the stream reduces once or more.
+    full = PatchCore(**SMALL).fit(rng_images)
+    bounded = PatchCore(**SMALL, max_bank_memory=1).fit(rng_images * 2)
+    assert bounded.fit_stats_["shard_reductions"] >= 1
+    assert bounded.fit_stats_["full_bank_size"] == 2 * 6 * 49
+    assert bounded.memory_bank_.shape == (round(0.25 * 12 * 49), 120)
+    bank = full.extract_features(rng_images).reshape(-1, 120)
+    rows = bounded.memory_bank_.numpy()
+    assert all(np.isclose(bank, row, atol=1e-6).all(axis=1).any() for row in rows[:20])  # real patch features
+    with pytest.raises(PatchCoreError, match="max-bank-memory"):
+        PatchCore(**{**SMALL, "coreset_ratio": 1.0}, max_bank_memory=1).fit(rng_images * 2)
+
+
+def test_bounded_memory_without_reduction_equals_the_in_memory_fit(rng_images):
+    a = PatchCore(**SMALL).fit(rng_images)
+    b = PatchCore(**SMALL, max_bank_memory=64).fit(rng_images)
+    assert b.fit_stats_["shard_reductions"] == 0
+    assert torch.equal(a.memory_bank_, b.memory_bank_)
