@@ -33,13 +33,14 @@ def knn(
     dists, indices = [], []
     for start in range(0, queries.shape[0], chunk_size):
         q = queries[start : start + chunk_size]
+        # |b|^2 - 2 q.b ranks the bank like the full distance; |q|^2 is added to the k winners only,
+        # which saves two passes over the (chunk, M) matrix.
         d = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0)
-        d.add_((q * q).sum(dim=1, keepdim=True)).clamp_(min=0.0)
         if k == 1:
             value, index = d.min(dim=1, keepdim=True)
         else:
             value, index = d.topk(k, dim=1, largest=False, sorted=True)
-        dists.append(value)
+        dists.append(value.add_((q * q).sum(dim=1, keepdim=True)).clamp_(min=0.0))
         indices.append(index)
     return torch.cat(dists), torch.cat(indices)
 
