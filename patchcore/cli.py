@@ -160,7 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for (path, relative, _), (score, amap, geometry) in zip(batch, results):
             if args.maps:
                 write_npy(out / "maps" / relative.with_suffix(".npy"), map_to_original(amap, geometry).astype(np.float32))
-            rows.append({"path": str(path), "score": float(score), "error": ""})
+            rows.append({"path": str(path), "score": float(score), **model.decide(float(score)), "error": ""})
         batch.clear()
 
     for path, relative in inputs:
@@ -176,7 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         flush()
     order = {str(p): i for i, (p, _) in enumerate(inputs)}
     rows.sort(key=lambda row: order[row["path"]])
-    write_csv(out / "scores.csv", ["path", "score", "error"], rows)
+    write_csv(out / "scores.csv", ["path", "score", "threshold", "is_anomalous", "normalized_score", "error"], rows)
     logger.info("scored %d of %d images; wrote %s", len(rows) - failed, len(rows), out / "scores.csv")
     if failed:
         print(f"patchcore: error: {failed} of {len(rows)} images could not be read (see the error column of {out / 'scores.csv'})", file=sys.stderr)
@@ -203,7 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics, rows = evaluate(model, dataset)
     metrics["config"] = model.config.to_dict()
     out = Path(args.output)
-    write_csv(out / "scores.csv", ["path", "score", "label", "defect_type"], rows)
+    write_csv(out / "scores.csv", ["path", "score", "threshold", "is_anomalous", "normalized_score", "label", "defect_type"], rows)
     write_json(out / "metrics.json", metrics)
     summary = {k: v for k, v in metrics.items() if k != "config"}
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -42,7 +42,11 @@ class PatchCoreConfig:
     image_top_k: the image score aggregates the mean of the image_top_k largest patch scores instead of
         the single largest (1 = the paper's max); larger values also catch defects spread over the image.
     sigma: Gaussian smoothing of anomaly maps, in pixels of the model input.
-    seed: seeds every random choice (projection, coreset start, random coreset).
+    seed: seeds every random choice (projection, coreset start, random coreset, calibration split).
+    threshold_fpr: when set, fit holds out calibration_share of the good training images (they never enter
+        the bank) and sets the image threshold so that this fraction of them would be flagged, and the
+        pixel threshold likewise over their anomaly-map pixels.
+    threshold, pixel_threshold: thresholds given by hand (they win over threshold_fpr).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -64,6 +68,10 @@ class PatchCoreConfig:
     image_top_k: int = 20
     sigma: float = 4.0
     seed: int = 0
+    threshold_fpr: float | None = None
+    calibration_share: float = 0.2
+    threshold: float | None = None
+    pixel_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -89,6 +97,14 @@ class PatchCoreConfig:
             raise PatchCoreError("projection_dim must be at least 1 (paper: 128)")
         if self.num_neighbors < 1 or self.k < 1 or self.image_top_k < 1:
             raise PatchCoreError("num_neighbors, k and image_top_k must be at least 1")
+        if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:
+            raise PatchCoreError(f"threshold_fpr={self.threshold_fpr} must lie in (0, 1), e.g. 0.05")
+        if not 0 < self.calibration_share < 1:
+            raise PatchCoreError(f"calibration_share={self.calibration_share} must lie in (0, 1), e.g. 0.2")
+        for name in ("threshold", "pixel_threshold"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise PatchCoreError(f"{name}={value} must be positive (scores are distances)")
         if self.sigma < 0:
             raise PatchCoreError("sigma must be >= 0 (0 disables smoothing)")
 

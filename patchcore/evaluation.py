@@ -66,8 +66,16 @@ def evaluate(model: PatchCore, dataset: Dataset) -> tuple[dict[str, Any], list[d
         fit_seconds=stats.get("fit_seconds"),
         predict_seconds_per_image=predict_seconds / len(test),
     )
+    threshold = model.threshold_
+    if threshold is not None:
+        flagged = scores >= threshold
+        metrics.update(
+            threshold=threshold,
+            false_positive_rate_at_threshold=float(flagged[labels == 0].mean()),
+            true_positive_rate_at_threshold=float(flagged[labels == 1].mean()),
+        )
     rows = [
-        {"path": str(s.path), "score": float(score), "label": s.label, "defect_type": s.defect_type}
+        {"path": str(s.path), "score": float(score), **model.decide(float(score)), "label": s.label, "defect_type": s.defect_type}
         for s, score in zip(test, scores)
     ]
     return metrics, rows

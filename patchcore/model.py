@@ -24,16 +24,24 @@ from .images import Geometry, ImageLike, load_image, map_to_original, preprocess
 from .maps import anomaly_maps
 from .scoring import image_score, patch_scores
 from .search import SEARCH_BACKENDS, build_index
+from .thresholds import fpr_threshold, normalized_scores, split_calibration
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result: its score and its anomaly map on the original image, (H, W) float32."""
+    """One image's result: its score and its anomaly map on the original image, (H, W) float32.
+
+    With a threshold: ``is_anomalous`` (score >= threshold) and ``normalized_score`` (0.5 at the threshold);
+    both None without one.
+    """
 
     score: float
     anomaly_map: np.ndarray
+    threshold: float | None = None
+    is_anomalous: bool | None = None
+    normalized_score: float | None = None
 
 
 class PatchCore:
@@ -71,6 +79,11 @@ class PatchCore:
         images = list(images)
         if not images:
             raise PatchCoreError("no training images: fit needs at least one good image")
+        cfg = self.config
+        calibration: list[ImageLike] = []
+        if cfg.threshold_fpr is not None and cfg.threshold is None:
+            keep, held_out = split_calibration(len(images), cfg.calibration_share, cfg.seed)
+            images, calibration = [images[i] for i in keep], [images[i] for i in held_out]
         started = time.perf_counter()
         backbone = self._make_backbone()
         batches = self._features(images, backbone, "extracting features")
@@ -82,9 +95,51 @@ class PatchCore:
         self.backbone_ = backbone
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
+        self.thresholds_ = {
+            "image": cfg.threshold, "pixel": cfg.pixel_threshold, "method": "manual" if cfg.threshold else None,
+        }
+        if calibration:
+            self.calibrate(calibration, cfg.threshold_fpr)
         self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
         logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
         return self
+
+    def calibrate(self, good_images: Sequence[ImageLike], fpr: float) -> PatchCore:
+        """Set the image and pixel thresholds from good images that are not in the bank. Returns self.
+
+        The image threshold flags a fraction ``fpr`` of these images; the pixel threshold a fraction
+        ``fpr`` of their anomaly-map pixels (manual thresholds in the config are kept).
+        """
+        scores, maps = [], []
+        for score, amap, _ in self._infer(list(good_images), with_maps=True):
+            scores.append(score)
+            maps.append(amap.numpy().ravel())
+        cfg = self.config
+        self.thresholds_ = {
+            "image": cfg.threshold or fpr_threshold(np.array(scores), fpr),
+            "pixel": cfg.pixel_threshold or fpr_threshold(np.concatenate(maps), fpr),
+            "method": "manual" if cfg.threshold else "fpr",
+            "fpr": fpr,
+            "n_calibration": len(scores),
+        }
+        return self
+
+    @property
+    def threshold_(self) -> float | None:
+        """The image threshold (None when the model has none)."""
+        self._check_fitted()
+        return getattr(self, "thresholds_", {}).get("image")
+
+    def decide(self, score: float) -> dict:
+        """threshold, is_anomalous and normalized_score of one raw score (all None without a threshold)."""
+        threshold = self.threshold_
+        if threshold is None:
+            return {"threshold": None, "is_anomalous": None, "normalized_score": None}
+        return {
+            "threshold": threshold,
+            "is_anomalous": bool(score >= threshold),
+            "normalized_score": float(normalized_scores(np.array([score]), threshold)[0]),
+        }
 
     def _coreset_in_memory(self, batches, n_images: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
         """All patch features in one preallocated bank, then one coreset over it."""
@@ -242,7 +297,7 @@ class PatchCore:
     def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
         """Per image: score and anomaly map in the original image's coordinates."""
         return [
-            Prediction(score, map_to_original(amap.numpy(), geometry))
+            Prediction(score, map_to_original(amap.numpy(), geometry), **self.decide(score))
             for score, amap, geometry in self._infer(images, with_maps=True)
         ]
 

@@ -32,6 +32,8 @@ def write_csv(path: str | os.PathLike, columns: list[str], rows: Iterable[dict[s
 
 
 def _cell(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)  # full precision, round-trips exactly
     return "" if value is None else value

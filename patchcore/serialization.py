@@ -77,6 +77,7 @@ def save_model(model, path: str | os.PathLike) -> None:
             "full_bank_size": model.fit_stats_.get("full_bank_size"),
             "seed": model.config.seed,
         },
+        "thresholds": model.thresholds_,
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in tensors.items()},
     }
     header["checksum"] = checksum(header, tensors)
@@ -172,5 +173,6 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", weights: str | N
     model.n_train_ = int(header["train"]["n_train"])
     model.feature_shape_ = tuple(header["train"]["feature_shape"])
     model.fit_stats_ = {"full_bank_size": header["train"].get("full_bank_size")}
+    model.thresholds_ = header.get("thresholds") or {"image": None, "pixel": None, "method": None}
     model.header_ = header
     return model

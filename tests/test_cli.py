@@ -144,3 +144,18 @@ def test_predict_with_the_faiss_backend_matches_exact(model_file, category, tmp_
     a = [float(r["score"]) for r in read_csv(exact / "scores.csv")]
     b = [float(r["score"]) for r in read_csv(flat / "scores.csv")]
     np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_threshold_columns_in_scores_csv(category, tmp_path):
+    model = tmp_path / "thr.safetensors"
+    result = run("fit", category, "-o", model, *FAST, "--threshold-fpr", "0.2", "--calibration-share", "0.4")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "p"
+    assert run("predict", model, category / "test", "-o", out).returncode == 0
+    rows = read_csv(out / "scores.csv")
+    assert list(rows[0])[:5] == ["path", "score", "threshold", "is_anomalous", "normalized_score"]
+    for row in rows:
+        above = float(row["score"]) >= float(row["threshold"])
+        assert row["is_anomalous"] == ("true" if above else "false")
+        assert (float(row["normalized_score"]) >= 0.5) == above
+    assert all(r["is_anomalous"] == "true" for r in rows if "blob" in r["path"])

@@ -174,7 +174,9 @@ def test_buffer_is_one_preallocated_array_and_never_exceeds_max_rows():
 
 def test_peak_memory_does_not_grow_with_the_stream():
     dim, max_rows, batch = 32, 400, 100
-    x = make_data(400 * 16, dim, seed=10)
+    # 40x the buffer: one-off allocations (threadpoolctl enumerating every loaded library, more of them
+    # when the whole suite has run) stay far below keeping all rows.
+    x = make_data(400 * 40, dim, seed=10)
 
     def peak(n_rows: int) -> int:
         sc = StreamingCoreset(dim, max_rows, projection_dim=8, seed=0)
@@ -188,9 +190,9 @@ def test_peak_memory_does_not_grow_with_the_stream():
         finally:
             tracemalloc.stop()
 
-    short, long = peak(3 * max_rows), peak(16 * max_rows)
+    short, long = peak(3 * max_rows), peak(40 * max_rows)
     buffer_bytes = max_rows * dim * 4
-    assert long < short * 1.1 + 64 * 1024  # 16x the rows, same peak
+    assert long < short * 1.1 + 64 * 1024  # 40x the rows, same peak
     assert long < 6 * buffer_bytes + 256 * 1024  # bounded by a small multiple of the buffer
     assert long < x.nbytes / 2  # far below keeping everything
 
