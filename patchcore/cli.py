@@ -33,6 +33,7 @@ def _optional_int(text: str) -> int | None:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per PatchCoreConfig field; absent flags leave no attribute, so only given flags override."""
     group = parser.add_argument_group("model settings (saved in the model file)")
+    group.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (keys as the flags below); flags win")
     hints = typing.get_type_hints(PatchCoreConfig)
     for field in dataclasses.fields(PatchCoreConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -55,8 +56,35 @@ def given_settings(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(PatchCoreConfig) if hasattr(args, f.name)}
 
 
+def read_config_file(path: str) -> dict:
+    """Settings from a YAML or JSON file whose keys are PatchCoreConfig fields (or their flag spellings)."""
+    file = Path(path)
+    if not file.is_file():
+        raise PatchCoreError(f"{file}: no such config file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise PatchCoreError(f"{file}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PatchCoreError(f"{file}: expected a mapping of settings, e.g. 'coreset_ratio: 0.1'")
+    settings = {str(key).lstrip("-").replace("-", "_"): value for key, value in data.items()}
+    if isinstance(settings.get("layers"), str):
+        settings["layers"] = settings["layers"].split()
+    return settings
+
+
 def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
-    return PatchCoreConfig(**given_settings(args))
+    """Defaults, then the --config file, then the flags given on the command line."""
+    settings = read_config_file(args.config) if getattr(args, "config", None) else {}
+    return PatchCoreConfig.from_dict({**settings, **given_settings(args)})
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
@@ -194,7 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not dataset.test:
         raise PatchCoreError(f"{args.data}: no test split to evaluate; use an MVTec-layout folder with test/<type>/ images, or 'textile'")
     if args.model:
-        if given_settings(args):
+        if given_settings(args) or args.config:
             raise PatchCoreError("--model takes its settings from the model file: drop the model settings flags")
         model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, search=args.search, progress=True)
     else:

@@ -159,3 +159,21 @@ def test_threshold_columns_in_scores_csv(category, tmp_path):
         assert row["is_anomalous"] == ("true" if above else "false")
         assert (float(row["normalized_score"]) >= 0.5) == above
     assert all(r["is_anomalous"] == "true" for r in rows if "blob" in r["path"])
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_maps_onto_the_flags_and_flags_win(category, tmp_path, suffix):
+    config = tmp_path / f"settings{suffix}"
+    if suffix == ".json":
+        config.write_text(json.dumps({"resize": 64, "crop": 56, "coreset-ratio": 0.5, "seed": 7, "layers": ["blocks.2", "blocks.4"]}))
+    else:
+        config.write_text("resize: 64\ncrop: 56\ncoreset_ratio: 0.5\nseed: 7\nlayers: blocks.2 blocks.4\n")
+    model = tmp_path / "m.safetensors"
+    result = run("fit", category, "-o", model, "--config", config, "--seed", "9")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(run("info", model).stdout)["config"]
+    assert saved["seed"] == 9 and saved["coreset_ratio"] == 0.5 and saved["layers"] == ["blocks.2", "blocks.4"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("coreset_ration: 0.1\n")
+    result = run("fit", category, "-o", tmp_path / "x", "--config", bad)
+    assert result.returncode != 0 and "coreset_ration" in result.stderr and "Traceback" not in result.stderr
