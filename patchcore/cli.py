@@ -97,6 +97,27 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_folder_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("plain folders (instead of DATA)")
+    group.add_argument("--good", metavar="DIR", help="good images; with --defective a seeded 20%% are held out for testing")
+    group.add_argument("--defective", metavar="DIR", help="defective images (sub-folders become defect types)")
+    group.add_argument("--masks", metavar="DIR", help="masks named like the defective images (<name>.png or <name>_mask.png)")
+
+
+def dataset_from_args(args: argparse.Namespace):
+    from .data import folders, open_dataset
+
+    if args.good:
+        if args.data:
+            raise PatchCoreError("give either DATA or --good DIR, not both")
+        return folders(args.good, args.defective, args.masks, seed=getattr(args, "seed", 0))
+    if args.defective or args.masks:
+        raise PatchCoreError("--defective and --masks need --good DIR")
+    if not args.data:
+        raise PatchCoreError("name the data: DATA (a folder or 'textile') or --good DIR")
+    return open_dataset(args.data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchcore", description="PatchCore anomaly detection (Roth et al., 2022).")
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
@@ -104,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="fit a model on good images")
-    fit.add_argument("data", metavar="DATA", help="MVTec-layout category (its train/good), a folder of good images, or 'textile'")
+    fit.add_argument("data", metavar="DATA", nargs="?", help="MVTec/MPDD/BTAD or VisA category (its training images), a folder of good images, or 'textile'")
+    add_folder_flags(fit)
     fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     add_config_flags(fit)
     add_runtime_flags(fit)
@@ -117,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(predict)
 
     evaluate = sub.add_parser("evaluate", help="fit on the training split (or load --model) and evaluate on the test split")
-    evaluate.add_argument("data", metavar="DATA", help="MVTec-layout category or 'textile'")
+    evaluate.add_argument("data", metavar="DATA", nargs="?", help="MVTec/MPDD/BTAD or VisA category, or 'textile'")
+    add_folder_flags(evaluate)
     evaluate.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     evaluate.add_argument("--model", metavar="MODEL", help="evaluate this model instead of fitting one")
     add_config_flags(evaluate)
@@ -129,11 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .data import open_dataset
     from .model import PatchCore
 
     config = config_from_args(args)
-    dataset = open_dataset(args.data)
+    dataset = dataset_from_args(args)
     model = PatchCore(config, device=args.device, batch_size=args.batch_size, search=args.search, progress=True).fit(dataset.train)
     model.save(args.output)
     stats = model.fit_stats_
@@ -213,12 +235,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import open_dataset
     from .evaluation import evaluate
     from .model import PatchCore
     from .reports import write_csv, write_json
 
-    dataset = open_dataset(args.data)
+    dataset = dataset_from_args(args)
     if not dataset.test:
         raise PatchCoreError(f"{args.data}: no test split to evaluate; use an MVTec-layout folder with test/<type>/ images, or 'textile'")
     if args.model:

@@ -1,4 +1,4 @@
-"""Data sets on disk: the MVTec AD layout, a plain folder of good images, and the embedded textile set.
+"""Data sets on disk: MVTec AD and its kin (MPDD, BTAD), VisA, plain folders, and the embedded textile set.
 
 A :class:`Dataset` is only lists of paths and labels; images are read later, by the model.
 """
@@ -42,7 +42,11 @@ class Dataset:
 
 
 def open_dataset(spec: str | os.PathLike) -> Dataset:
-    """``textile``, an MVTec-layout category folder (has ``train/good``), or a plain folder of good images."""
+    """Open DATA by its layout.
+
+    ``textile``; an MVTec AD / MPDD / BTAD category folder (``train/good`` or ``train/ok``); a VisA category
+    folder (its parent holds ``split_csv/1cls.csv``); otherwise a plain folder of good images.
+    """
     if str(spec) == "textile":
         return textile()
     root = Path(spec)
@@ -50,6 +54,8 @@ def open_dataset(spec: str | os.PathLike) -> Dataset:
         raise PatchCoreError(f"{root}: no such folder (DATA is 'textile', an MVTec category folder or a folder of images)")
     if not root.is_dir():
         raise PatchCoreError(f"{root}: DATA must be a folder, or 'textile'")
+    if (root.parent / VISA_SPLIT).is_file():
+        return visa(root)
     if (root / "train").is_dir() or (root / "test").is_dir():
         return mvtec(root)
     return image_folder(root)
@@ -64,10 +70,24 @@ def image_folder(root: str | os.PathLike) -> Dataset:
     return Dataset(root.name, images)
 
 
+GOOD_NAMES = (GOOD, "ok")  # MVTec AD and MPDD say "good", BTAD says "ok"
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    """MVTec/MPDD name masks <stem>_mask.png; BTAD <stem>.png (or .bmp)."""
+    for name in (f"{stem}_mask.png", f"{stem}.png", f"{stem}.bmp", f"{stem}_mask.bmp"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def mvtec(root: str | os.PathLike) -> Dataset:
-    """MVTec AD layout: ``train/good/*``, ``test/<type>/*``, ``ground_truth/<type>/<name>_mask.png``."""
+    """MVTec AD layout (and MPDD, BTAD): ``train/good/*``, ``test/<type>/*``, ``ground_truth/<type>/<name>_mask.png``.
+
+    BTAD's ``ok``/``ko`` folders and ``<name>.png`` masks are read the same way.
+    """
     root = Path(root)
-    train_dir = root / "train" / GOOD
+    train_dir = next((root / "train" / g for g in GOOD_NAMES if (root / "train" / g).is_dir()), root / "train" / GOOD)
     if not train_dir.is_dir():
         raise PatchCoreError(
             f"{root}: looks like an MVTec-layout category but has no train/good folder; "
@@ -81,16 +101,11 @@ def mvtec(root: str | os.PathLike) -> Dataset:
     test_dir = root / "test"
     if test_dir.is_dir():
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            label = 0 if type_dir.name == GOOD else 1
+            label = 0 if type_dir.name in GOOD_NAMES else 1
             for path in list_images(type_dir):
-                mask = None
-                if label:
-                    candidate = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
-                    if candidate.is_file():
-                        mask = candidate
-                    else:
-                        missing_masks += 1
-                test.append(Sample(path, label, type_dir.name, mask))
+                mask = _find_mask(root / "ground_truth" / type_dir.name, path.stem) if label else None
+                missing_masks += int(label == 1 and mask is None)
+                test.append(Sample(path, label, GOOD if not label else type_dir.name, mask))
     dataset = Dataset(root.name, train, test)
     defective = sum(s.label for s in test)
     if defective and missing_masks and missing_masks < defective:
@@ -99,6 +114,68 @@ def mvtec(root: str | os.PathLike) -> Dataset:
             root, missing_masks, defective,
         )
     return dataset
+
+
+VISA_SPLIT = Path("split_csv") / "1cls.csv"
+
+
+def visa(category_dir: str | os.PathLike) -> Dataset:
+    """A VisA category: rows of the parent's ``split_csv/1cls.csv`` (object,split,label,image,mask) for it.
+
+    Paths in the CSV are relative to the VisA root; label is "normal" or "anomaly"; defect type "anomaly".
+    """
+    import csv
+
+    category_dir = Path(category_dir)
+    root, name = category_dir.parent, category_dir.name
+    train: list[Path] = []
+    test: list[Sample] = []
+    with open(root / VISA_SPLIT, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        needed = {"object", "split", "label", "image"}
+        if not needed <= set(reader.fieldnames or ()):
+            raise PatchCoreError(f"{root / VISA_SPLIT}: expected the columns {', '.join(sorted(needed))}, mask")
+        for row in reader:
+            if row["object"] != name:
+                continue
+            path = root / row["image"]
+            defective = row["label"].strip().lower() != "normal"
+            if row["split"].strip().lower() == "train":
+                if not defective:
+                    train.append(path)
+                continue
+            mask = root / row["mask"] if defective and row.get("mask") else None
+            test.append(Sample(path, int(defective), "anomaly" if defective else GOOD, mask))
+    if not train:
+        raise PatchCoreError(f"{root / VISA_SPLIT}: no training rows for object {name!r}")
+    return Dataset(name, sorted(train), test)
+
+
+def folders(good: str | os.PathLike, defective: str | os.PathLike | None = None,
+            masks: str | os.PathLike | None = None, test_share: float = 0.2, seed: int = 0) -> Dataset:
+    """Plain folders: good images (a seeded ``test_share`` of them held out as test images when defective
+    images are given), defective images (sub-folders become defect types), and optional masks named like
+    the defective images (``<name>.png`` or ``<name>_mask.png``, same relative folder)."""
+    good_images = image_folder(good).train
+    if defective is None:
+        return Dataset(Path(good).name, good_images)
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(good_images))
+    n_test = max(1, int(round(len(good_images) * test_share)))
+    if len(good_images) - n_test < 1:
+        raise PatchCoreError(f"{good}: need at least 2 good images to hold some out for testing")
+    train = sorted(good_images[i] for i in order[n_test:])
+    test = [Sample(good_images[i], 0, GOOD) for i in sorted(order[:n_test])]
+    defective = Path(defective)
+    for path in image_folder(defective).train:
+        relative = path.relative_to(defective)
+        defect_type = relative.parts[0] if len(relative.parts) > 1 else defective.name
+        mask = _find_mask(Path(masks) / relative.parent, path.stem) if masks else None
+        test.append(Sample(path, 1, defect_type, mask))
+    if masks and not any(s.mask_path for s in test):
+        raise PatchCoreError(f"{masks}: no mask matches a defective image (expected <name>.png or <name>_mask.png)")
+    return Dataset(Path(good).name, train, test)
 
 
 # The textile protocol of SPEC.md: train on the first 200 nominal images; test on nominal 801-1000,

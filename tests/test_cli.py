@@ -177,3 +177,15 @@ def test_config_file_maps_onto_the_flags_and_flags_win(category, tmp_path, suffi
     bad.write_text("coreset_ration: 0.1\n")
     result = run("fit", category, "-o", tmp_path / "x", "--config", bad)
     assert result.returncode != 0 and "coreset_ration" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_plain_folders(category, tmp_path):
+    out = tmp_path / "e"
+    result = run("evaluate", "--good", category / "train" / "good", "--defective", category / "test" / "blob",
+                 "--masks", category / "ground_truth" / "blob", "-o", out, *FAST)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] == 4 and metrics["n_test"] == 4 and set(metrics["image_auroc_by_type"]) == {"blob"}
+    assert "pro" in metrics
+    result = run("fit", category, "--good", category, "-o", tmp_path / "m")
+    assert result.returncode != 0 and "not both" in result.stderr
