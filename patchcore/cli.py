@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data", metavar="DATA", nargs="?", help="MVTec/MPDD/BTAD or VisA category (its training images), a folder of good images, or 'textile'")
     add_folder_flags(fit)
     fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    fit.add_argument("--add", metavar="MODEL", help="add DATA's good images to this fitted model (incremental; may equal -o)")
     add_config_flags(fit)
     add_runtime_flags(fit)
 
@@ -154,9 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .model import PatchCore
 
-    config = config_from_args(args)
     dataset = dataset_from_args(args)
-    model = PatchCore(config, device=args.device, batch_size=args.batch_size, search=args.search, progress=True).fit(dataset.train)
+    runtime = dict(device=args.device, batch_size=args.batch_size, search=args.search, progress=True)
+    if args.add:
+        if given_settings(args) or args.config:
+            raise PatchCoreError("--add keeps the model's settings: drop the model settings flags")
+        model = PatchCore.load(args.add, **runtime).partial_fit(dataset.train)
+    else:
+        model = PatchCore(config_from_args(args), **runtime).fit(dataset.train)
     model.save(args.output)
     stats = model.fit_stats_
     logger.info(

@@ -40,6 +40,7 @@ __all__ = [
     "random_coreset",
     "rows_for_memory",
     "StreamingCoreset",
+    "greedy_extend",
 ]
 
 _F32_UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2.0  # 2**-24
@@ -829,3 +830,45 @@ class StreamingCoreset:
             "finish_seconds": time.perf_counter() - t0,
         }
         return rows, stats
+
+
+# --------------------------------------------------------------------------- incremental update
+
+
+def greedy_extend(
+    kept: Any, candidates: Any, n_add: int, *, projection_dim: int = 128, seed: int | np.random.Generator = 0
+) -> np.ndarray:
+    """Continue a greedy k-center selection: add ``n_add`` of ``candidates`` to an existing coreset.
+
+    kept (K, D) are the rows already selected, candidates (N, D) new rows. Every candidate starts at
+    its distance to the nearest kept row (in the same random projection as :func:`greedy_coreset`
+    with this seed), then the farthest candidate is added, repeatedly: what Algorithm 1 would do next
+    if the new rows had been there all along and the old selection had been made first. Used for
+    incremental fit: old rows are never re-extracted and the coreset is updated, not rebuilt.
+
+    Returns (n_add,) int64 indices into ``candidates`` in selection order.
+    """
+    import torch
+
+    kept = np.ascontiguousarray(np.asarray(kept, dtype=np.float32))
+    candidates = np.ascontiguousarray(np.asarray(candidates, dtype=np.float32))
+    if kept.ndim != 2 or candidates.ndim != 2 or kept.shape[1] != candidates.shape[1] or len(kept) == 0:
+        raise ValueError(f"kept (K, D) and candidates (N, D) must share D; got {kept.shape} and {candidates.shape}")
+    n_add = _as_int(n_add, "n_add")
+    if not 0 <= n_add <= len(candidates):
+        raise ValueError(f"n_add={n_add} must lie between 0 and the number of candidates {len(candidates)}")
+    if n_add == 0:
+        return np.empty(0, dtype=np.int64)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    projection = torch.from_numpy(random_projection(kept.shape[1], projection_dim, rng))
+    z_kept = torch.from_numpy(kept) @ projection
+    z_new = torch.from_numpy(candidates) @ projection
+    from .search import knn
+
+    mind = knn(z_new, z_kept, 1)[0][:, 0]
+    chosen = np.empty(n_add, dtype=np.int64)
+    for i in range(n_add):
+        c = int(torch.argmax(mind))
+        chosen[i] = c
+        mind = torch.minimum(mind, ((z_new - z_new[c]) ** 2).sum(dim=1))
+    return chosen

@@ -17,7 +17,7 @@ import torch
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
 from .config import PatchCoreConfig
-from .coreset import StreamingCoreset, coreset_size, greedy_coreset, random_coreset, rows_for_memory
+from .coreset import StreamingCoreset, coreset_size, greedy_coreset, greedy_extend, random_coreset, rows_for_memory
 from .errors import NotFittedError, PatchCoreError
 from .features import patch_features
 from .images import Geometry, ImageLike, load_image, map_to_original, preprocess
@@ -102,6 +102,41 @@ class PatchCore:
             self.calibrate(calibration, cfg.threshold_fpr)
         self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
         logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
+        return self
+
+    def partial_fit(self, images: Sequence[ImageLike]) -> PatchCore:
+        """Add good images to a fitted model without re-extracting the old ones. Returns self.
+
+        The new patch features are candidates for the existing coreset: the greedy selection continues
+        from the kept rows (:func:`patchcore.coreset.greedy_extend`) until the bank holds
+        ``coreset_ratio`` of all patch features seen (or ``coreset_size``). Thresholds are kept as they
+        are; recalibrate with :meth:`calibrate` when the new images change what "good" looks like.
+        """
+        backbone = self._check_fitted()
+        images = list(images)
+        if not images:
+            raise PatchCoreError("no images to add: partial_fit needs at least one good image")
+        cfg = self.config
+        started = time.perf_counter()
+        new = torch.cat([f.reshape(-1, f.shape[-1]).cpu() for f, _ in self._features(images, backbone, "extracting features")])
+        feature_seconds = time.perf_counter() - started
+        seen = int(self.fit_stats_.get("full_bank_size") or self.memory_bank_.shape[0]) + new.shape[0]
+        target = coreset_size(seen, cfg.coreset_ratio, cfg.coreset_size)
+        n_add = min(max(0, target - self.memory_bank_.shape[0]), new.shape[0])
+        if cfg.coreset_method == "random":
+            chosen = random_coreset(new.shape[0], n_add, seed=cfg.seed + self.n_train_)
+        else:
+            chosen = greedy_extend(self.memory_bank_.cpu(), new, n_add, projection_dim=cfg.projection_dim, seed=cfg.seed)
+        self._set_bank(torch.cat([self.memory_bank_.cpu(), new[torch.from_numpy(chosen)]]))
+        self.n_train_ += len(images)
+        self.fit_stats_ = {
+            "feature_seconds": feature_seconds,
+            "coreset_seconds": time.perf_counter() - started - feature_seconds,
+            "fit_seconds": time.perf_counter() - started,
+            "full_bank_size": seen,
+        }
+        if self.threshold_ is not None:
+            logger.warning("partial_fit keeps the old threshold; recalibrate if the new images differ")
         return self
 
     def calibrate(self, good_images: Sequence[ImageLike], fpr: float) -> PatchCore:

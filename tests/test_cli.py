@@ -189,3 +189,13 @@ def test_evaluate_plain_folders(category, tmp_path):
     assert "pro" in metrics
     result = run("fit", category, "--good", category, "-o", tmp_path / "m")
     assert result.returncode != 0 and "not both" in result.stderr
+
+
+def test_fit_add_extends_a_model(model_file, category, tmp_path):
+    extended = tmp_path / "more.safetensors"
+    result = run("fit", category / "test" / "good", "--add", model_file, "-o", extended)
+    assert result.returncode == 0, result.stderr
+    header = json.loads(run("info", extended).stdout)
+    assert header["train"]["n_train"] == 5 + 3 and header["config"]["seed"] == 3
+    result = run("fit", category / "test" / "good", "--add", model_file, "-o", extended, "--seed", "1")
+    assert result.returncode != 0 and "--add keeps" in result.stderr

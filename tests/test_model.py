@@ -211,3 +211,42 @@ def test_bounded_memory_without_reduction_equals_the_in_memory_fit(rng_images):
     b = PatchCore(**SMALL, max_bank_memory=64).fit(rng_images)
     assert b.fit_stats_["shard_reductions"] == 0
     assert torch.equal(a.memory_bank_, b.memory_bank_)
+
+
+def test_partial_fit_extends_the_coreset_without_refitting(rng_images):
+    rng = np.random.default_rng(11)
+    more = [texture(rng) for _ in range(6)]
+    model = PatchCore(**SMALL).fit(rng_images)
+    old = model.memory_bank_.clone()
+    model.partial_fit(more)
+    assert model.n_train_ == 12 and model.fit_stats_["full_bank_size"] == 12 * 49
+    assert model.memory_bank_.shape[0] == round(0.25 * 12 * 49)
+    assert torch.equal(model.memory_bank_[: len(old)], old)  # kept rows stay, new ones are appended
+    new_rows = model.memory_bank_[len(old):].numpy()
+    candidates = model.extract_features(more).reshape(-1, 120)
+    assert all(np.isclose(candidates, row, atol=1e-6).all(axis=1).any() for row in new_rows)
+    full = PatchCore(**SMALL).fit(rng_images + more)
+    probe = [texture(rng) for _ in range(3)] + [texture(rng, defect=True) for _ in range(3)]
+    inc, ref = model.score_samples(probe), full.score_samples(probe)
+    assert inc[3:].min() > inc[:3].max() and ref[3:].min() > ref[:3].max()
+    np.testing.assert_allclose(inc, ref, rtol=0.25)  # close to a full refit, not identical
+    with pytest.raises(NotFittedError):
+        PatchCore().partial_fit(more)
+
+
+def test_greedy_extend_matches_a_plain_continuation():
+    from patchcore.coreset import greedy_extend, random_projection
+
+    rng = np.random.default_rng(0)
+    kept, candidates = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32)
+    chosen = greedy_extend(kept, candidates, 7, projection_dim=4, seed=3)
+    p = random_projection(6, 4, np.random.default_rng(3))
+    zk, zc = kept @ p, candidates @ p
+    mind = ((zc[:, None] - zk[None]) ** 2).sum(-1).min(1)
+    expected = []
+    for _ in range(7):
+        c = int(np.argmax(mind))
+        expected.append(c)
+        mind = np.minimum(mind, ((zc - zc[c]) ** 2).sum(1))
+    assert chosen.tolist() == expected
+    assert greedy_extend(kept, candidates, 0).size == 0
