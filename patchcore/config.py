@@ -28,6 +28,13 @@ class PatchCoreConfig:
     normalization: "backbone" feeds the backbone the statistics it was trained with (the right thing);
         "imagenet" forces ImageNet mean/std (what peer tools do for every backbone; for comparisons).
     resize, crop: images are resized to resize x resize, then center-cropped to crop x crop (None: no crop).
+    keep_aspect: resize so that the shorter side equals resize, keeping the aspect ratio, then center-crop
+        to crop x crop; without crop the input stays non-square (each image at its own aspect).
+    tile_size, tile_overlap, tile_scale: tiling for high-resolution images: the image (scaled by tile_scale,
+        1.0 = original pixels) is cut into overlapping tile_size x tile_size tiles (neighbours overlap by
+        at least tile_overlap of a tile), each tile is resized/cropped like an image and scored on its
+        own; the image score is the maximum over its tiles, the map is stitched (mean in overlaps) at the
+        scaled image's resolution. In fit, every tile's patches enter the bank. None: no tiling.
     patch_size: p of the p x p neighbourhood averaged around each feature position.
     target_dim: None keeps every channel of every level (concatenated); an int reduces each level and then
         the stack to that many dimensions by adaptive average pooling, like the official code (1024).
@@ -55,6 +62,10 @@ class PatchCoreConfig:
     normalization: str = "backbone"
     resize: int = 384
     crop: int | None = None
+    keep_aspect: bool = False
+    tile_size: int | None = None
+    tile_overlap: float = 0.25
+    tile_scale: float = 1.0
     patch_size: int = 3
     target_dim: int | None = None
     coreset_method: str = "greedy"
@@ -83,6 +94,12 @@ class PatchCoreConfig:
             raise PatchCoreError(f"resize={self.resize} is too small: use at least 16 pixels")
         if self.crop is not None and not 16 <= self.crop <= self.resize:
             raise PatchCoreError(f"crop={self.crop} must lie between 16 and resize={self.resize}")
+        if self.tile_size is not None and self.tile_size < 16:
+            raise PatchCoreError(f"tile_size={self.tile_size} is too small: use at least 16 pixels, or none")
+        if not 0 <= self.tile_overlap < 1:
+            raise PatchCoreError(f"tile_overlap={self.tile_overlap} must lie in [0, 1), e.g. 0.25 for a quarter tile")
+        if not 0 < self.tile_scale <= 16:
+            raise PatchCoreError(f"tile_scale={self.tile_scale} must lie in (0, 16], e.g. 0.5 to tile a half-size image")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise PatchCoreError(f"patch_size={self.patch_size} must be a positive odd number (paper: 3)")
         if self.target_dim is not None and self.target_dim < 1:

@@ -20,11 +20,12 @@ from .config import PatchCoreConfig
 from .coreset import StreamingCoreset, coreset_size, greedy_coreset, greedy_extend, random_coreset, rows_for_memory
 from .errors import NotFittedError, PatchCoreError
 from .features import patch_features
-from .images import Geometry, ImageLike, load_image, map_to_original, preprocess
-from .maps import anomaly_maps
+from .images import Geometry, ImageLike, TiledGeometry, describe, load_image, map_to_original, preprocess, stitch_maps
+from .images import tile_geometry, tile_inputs
+from .maps import anomaly_maps, gaussian_blur
 from .scoring import image_score, patch_scores
 from .search import SEARCH_BACKENDS, build_index
-from .thresholds import fpr_threshold, normalized_scores, split_calibration
+from .thresholds import f1_threshold, fpr_threshold, normalized_scores, split_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,38 @@ class PatchCore:
         }
         return self
 
+    def calibrate_f1(self, good_images: Sequence[ImageLike], defective_images: Sequence[ImageLike]) -> PatchCore:
+        """Set the image threshold that maximises F1 on labelled images (none of them in the bank). Returns self.
+
+        The pixel threshold is left as it is (it needs pixel labels; use :meth:`calibrate` for one from good images).
+        """
+        good, defective = list(good_images), list(defective_images)
+        scores = self.score_samples(good + defective)
+        labels = np.r_[np.zeros(len(good)), np.ones(len(defective))]
+        previous = getattr(self, "thresholds_", {})
+        self.thresholds_ = {
+            "image": f1_threshold(labels, scores),
+            "pixel": previous.get("pixel"),
+            "method": "f1",
+            "n_calibration": len(scores),
+        }
+        return self
+
+    def set_threshold(self, image: float | None, pixel: float | None = None) -> PatchCore:
+        """Thresholds by hand (scores are distances, so both must be positive). Returns self."""
+        for name, value in (("threshold", image), ("pixel threshold", pixel)):
+            if value is not None and not value > 0:
+                raise PatchCoreError(f"{name} {value} must be positive")
+        self._check_fitted()
+        self.thresholds_ = {"image": image, "pixel": pixel, "method": "manual"}
+        return self
+
+    @property
+    def memory_bank_size(self) -> int:
+        """Rows in the memory bank."""
+        self._check_fitted()
+        return int(self.memory_bank_.shape[0])
+
     @property
     def threshold_(self) -> float | None:
         """The image threshold (None when the model has none)."""
@@ -187,8 +220,11 @@ class PatchCore:
             if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
                 feature_shape = tuple(feats.shape[1:3])
                 bank = torch.empty(n_images * rows.shape[0] // feats.shape[0], rows.shape[1])
+            if filled + rows.shape[0] > bank.shape[0]:  # tiles or non-square inputs: more rows than one per image
+                bank = torch.cat([bank[:filled], torch.empty(max(filled, rows.shape[0]), bank.shape[1])])
             bank[filled : filled + rows.shape[0]] = rows.cpu()
             filled += rows.shape[0]
+        bank = bank[:filled]
         feature_seconds = time.perf_counter() - started
         started = time.perf_counter()
         n_select = coreset_size(bank.shape[0], cfg.coreset_ratio, cfg.coreset_size)
@@ -259,29 +295,80 @@ class PatchCore:
             return IMAGENET_MEAN, IMAGENET_STD
         return backbone.mean, backbone.std
 
+    def _inputs(
+        self, images: Sequence[ImageLike], mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> Iterator[tuple[torch.Tensor, Geometry | TiledGeometry, bool]]:
+        """Every model input in order, lazily: (tensor, geometry of its image, whether it is its image's last).
+
+        One input per image, or with tile_size one per tile (the geometry is then the image's TiledGeometry).
+        """
+        cfg = self.config
+        for image in images:
+            array = load_image(image)
+            if cfg.tile_size is not None:
+                geometry = tile_geometry(
+                    array.shape[:2], cfg.tile_size, cfg.tile_overlap, cfg.tile_scale, cfg.resize, cfg.crop, cfg.keep_aspect
+                )
+                last = len(geometry.boxes) - 1
+                for i, x in enumerate(tile_inputs(array, geometry, mean, std)):
+                    yield x, geometry, i == last
+            elif cfg.keep_aspect:
+                x, geometry = preprocess(array, cfg.resize, cfg.crop, mean, std, keep_aspect=True)
+                yield x, geometry, True
+            else:
+                self._check_aspect(array.shape[:2], image)
+                x, geometry = preprocess(array, cfg.resize, cfg.input_size, mean, std)
+                yield x, geometry, True
+
+    def _check_aspect(self, shape: tuple[int, int], image: ImageLike) -> None:
+        """Square mode stretches every image to a square: warn once when aspect ratios differ (by > 5%)."""
+        aspect = shape[1] / shape[0]
+        first = getattr(self, "_first_aspect", None)
+        if first is None:
+            self._first_aspect = aspect
+        elif abs(aspect / first - 1) > 0.05 and not getattr(self, "_aspect_warned", False):
+            self._aspect_warned = True
+            size = self.config.resize
+            logger.warning(
+                "%s is %d x %d pixels (H x W, aspect W/H %.2f) but the first image had aspect %.2f: every image "
+                "is stretched to a %d x %d square, so they are distorted differently; set keep_aspect (--keep-aspect) "
+                "or tile_size (--tile-size) to keep shapes", describe(image), shape[0], shape[1], aspect, first, size, size,
+            )
+
     def _features(
         self, images: Sequence[ImageLike], backbone: Backbone, what: str
-    ) -> Iterator[tuple[torch.Tensor, list[Geometry]]]:
-        """Batches of (B, h, w, D) patch features with each image's geometry."""
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[Geometry | TiledGeometry, bool]]]]:
+        """Batches of (B, h, w, D) patch features with each input's (image geometry, last input of its image).
+
+        A batch holds up to batch_size consecutive inputs of one shape (tiles of several images may share one).
+        """
         from tqdm.auto import tqdm
 
         cfg = self.config
         mean, std = self._normalization(backbone)
         batch_size = self._batch_size()
         bar = tqdm(total=len(images), desc=what, unit="img", disable=None if self.progress else True, leave=False)
+
+        def run(tensors: list[torch.Tensor]) -> torch.Tensor:
+            with torch.inference_mode():
+                maps = backbone(torch.stack(tensors).to(self.device))
+                return patch_features(maps, cfg.patch_size, cfg.target_dim)
+
         try:
-            for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size]
-                tensors, geometries = [], []
-                for image in chunk:
-                    x, geometry = preprocess(load_image(image), cfg.resize, cfg.input_size, mean, std)
-                    tensors.append(x)
-                    geometries.append(geometry)
-                with torch.inference_mode():
-                    maps = backbone(torch.stack(tensors).to(self.device))
-                    feats = patch_features(maps, cfg.patch_size, cfg.target_dim)
-                bar.update(len(chunk))
-                yield feats, geometries
+            tensors: list[torch.Tensor] = []
+            owners: list[tuple[Geometry | TiledGeometry, bool]] = []
+            for x, geometry, last in self._inputs(images, mean, std):
+                if tensors and (len(tensors) == batch_size or x.shape != tensors[0].shape):
+                    feats = run(tensors)
+                    bar.update(sum(done for _, done in owners))
+                    yield feats, owners
+                    tensors, owners = [], []
+                tensors.append(x)
+                owners.append((geometry, last))
+            if tensors:
+                feats = run(tensors)
+                bar.update(sum(done for _, done in owners))
+                yield feats, owners
         finally:
             bar.close()
 
@@ -303,30 +390,58 @@ class PatchCore:
             raise NotFittedError("this PatchCore model is not fitted yet: call fit(images) or PatchCore.load(path)")
         return self.backbone_
 
-    def _infer(self, images: Sequence[ImageLike], with_maps: bool) -> Iterator[tuple[float, torch.Tensor | None, Geometry]]:
-        """Per image: (image score, (S, S) anomaly map at input resolution or None, geometry)."""
+    def _infer(
+        self, images: Sequence[ImageLike], with_maps: bool
+    ) -> Iterator[tuple[float, torch.Tensor | None, Geometry | TiledGeometry]]:
+        """Per image: (image score, anomaly map at input resolution or None, geometry).
+
+        The map is (S, S) (S = crop or resize); with keep_aspect and no crop, the resized image's (H, W);
+        with tiling, the tiles' maps stitched at the scaled image's size and the score the tiles' maximum.
+        """
         backbone = self._check_fitted()
         cfg = self.config
         index = self._index
-        for feats, geometries in self._features(list(images), backbone, "scoring"):
+        tile_scores: list[float] = []
+        tile_maps: list[np.ndarray] = []
+        for feats, owners in self._features(list(images), backbone, "scoring"):
             batch, h, w, dim = feats.shape
             flat = feats.reshape(-1, dim)
+            first, _ = owners[0]
+            shape = tuple(first.tiles[len(tile_scores)].input_shape if isinstance(first, TiledGeometry) else first.input_shape)
             with torch.inference_mode():
                 scores, nearest = patch_scores(flat, index, cfg.scoring, cfg.k)
                 scores, nearest, flat = scores.view(batch, h * w), nearest.view(batch, h * w), flat.view(batch, h * w, dim)
-                maps = anomaly_maps(scores.view(batch, h, w), cfg.input_size, cfg.sigma) if with_maps else None
-                for i, geometry in enumerate(geometries):
+                maps = _input_maps(scores.view(batch, h, w), shape, cfg.sigma) if with_maps else None
+                for i, (geometry, last) in enumerate(owners):
                     score = image_score(scores[i], nearest[i], flat[i], index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k)
-                    yield float(score), (maps[i].cpu() if maps is not None else None), geometry
+                    if not isinstance(geometry, TiledGeometry):
+                        yield float(score), (maps[i].cpu() if maps is not None else None), geometry
+                        continue
+                    tile_scores.append(float(score))
+                    if maps is not None:
+                        tile_maps.append(maps[i].cpu().numpy())
+                    if last:
+                        stitched = torch.from_numpy(stitch_maps(tile_maps, geometry)) if maps is not None else None
+                        yield max(tile_scores), stitched, geometry
+                        tile_scores, tile_maps = [], []
 
     def score_samples(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Image anomaly scores, (N,) float64; higher means more anomalous."""
         return np.array([score for score, _, _ in self._infer(images, with_maps=False)], dtype=np.float64)
 
     def anomaly_maps(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Pixel anomaly maps at the model's input resolution, (N, S, S) float32, S = crop (or resize)."""
+        """Pixel anomaly maps at the model's input resolution, (N, S, S) float32, S = crop (or resize).
+
+        With keep_aspect and no crop they are (N, h, w) at the input size; with tile_size (N, H, W) at the
+        (tile_scale-scaled) image size; maps of different sizes raise an error: use :meth:`predict`.
+        """
         maps = [amap.numpy() for _, amap, _ in self._infer(images, with_maps=True)]
         size = self.config.input_size
+        if len({m.shape for m in maps}) > 1:
+            raise PatchCoreError(
+                "these images give anomaly maps of different sizes (keep_aspect without crop, or tile_size): "
+                "use predict() for one map per image at its original size"
+            )
         return np.stack(maps) if maps else np.empty((0, size, size), np.float32)
 
     def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
@@ -336,8 +451,11 @@ class PatchCore:
             for score, amap, geometry in self._infer(images, with_maps=True)
         ]
 
-    def predict_with_input_maps(self, images: Sequence[ImageLike]) -> Iterable[tuple[float, np.ndarray, Geometry]]:
-        """Like :meth:`predict` but yields (score, map at input resolution, geometry), lazily."""
+    def predict_with_input_maps(
+        self, images: Sequence[ImageLike]
+    ) -> Iterable[tuple[float, np.ndarray, Geometry | TiledGeometry]]:
+        """Like :meth:`predict` but yields (score, map at input resolution, geometry), lazily; with tiling the
+        map is the stitched one at the scaled image size. ``map_to_original(map, geometry)`` maps it back."""
         for score, amap, geometry in self._infer(images, with_maps=True):
             yield score, amap.numpy(), geometry
 
@@ -364,3 +482,11 @@ class PatchCore:
         }
         fitted = f", fitted on {self.n_train_} images" if hasattr(self, "n_train_") else ""
         return f"PatchCore({', '.join(f'{k}={v!r}' for k, v in changed.items())}){fitted}"
+
+
+def _input_maps(grid_scores: torch.Tensor, shape: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(N, h, w) patch scores -> (N, H, W) maps at the input shape (non-square inputs with keep_aspect)."""
+    if shape[0] == shape[1]:
+        return anomaly_maps(grid_scores, shape[0], sigma)
+    up = torch.nn.functional.interpolate(grid_scores[:, None], size=shape, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(up, sigma)

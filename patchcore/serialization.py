@@ -23,6 +23,7 @@ from .config import PatchCoreConfig
 from .errors import PatchCoreError
 
 FORMAT_NAME = "patchcore-model"
+ENSEMBLE_FORMAT_NAME = "patchcore-ensemble"
 FORMAT_VERSION = 1
 METADATA_KEY = "patchcore"
 
@@ -55,16 +56,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def save_model(model, path: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"memory_bank": model.memory_bank_.detach().cpu().contiguous()}
+def model_record(model) -> dict[str, Any]:
+    """What a fitted model's file says about it besides its bank: config, backbone, training, thresholds."""
     backbone = model.backbone_
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "package_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    return {
         "config": model.config.to_dict(),
         "backbone": {
             "name": backbone.name,
@@ -78,11 +73,29 @@ def save_model(model, path: str | os.PathLike) -> None:
             "seed": model.config.seed,
         },
         "thresholds": model.thresholds_,
+    }
+
+
+def write_model_file(path: str | os.PathLike, body: dict[str, Any], tensors: dict[str, torch.Tensor], kind: str = FORMAT_NAME) -> None:
+    """Header (format, versions, ``body``, tensor list, checksum) + tensors, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    header = {
+        "format": kind,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **body,
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in tensors.items()},
     }
     header["checksum"] = checksum(header, tensors)
     metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    write_model_file(path, model_record(model), {"memory_bank": model.memory_bank_})
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -101,7 +114,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         header = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
         raise PatchCoreError(f"{path}: a safetensors file, but not a PatchCore model (no valid header)") from exc
-    if header.get("format") != FORMAT_NAME:
+    if header.get("format") not in (FORMAT_NAME, ENSEMBLE_FORMAT_NAME):
         raise PatchCoreError(f"{path}: not a PatchCore model file (format {header.get('format')!r})")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
@@ -140,24 +153,42 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", weights: str | N
     ``weights`` points at the backbone weights when the file recorded in the model is elsewhere on this
     machine; the weights must hash to what the model was fitted with.
     """
+    header = read_header(path)
+    if header["format"] != FORMAT_NAME:
+        raise PatchCoreError(f"{path}: an ensemble model; load it with patchcore.load(path) or PatchCoreEnsemble.load")
+    tensors = read_tensors(path, header)
+    model = restore_model(header, tensors["memory_bank"], path, device=device, weights=weights, **runtime)
+    model.header_ = header
+    return model
+
+
+def load_any(path: str | os.PathLike, *, device: str = "cpu", **runtime):
+    """A PatchCore model or an ensemble, whichever the file holds."""
+    header = read_header(path)
+    if header["format"] == ENSEMBLE_FORMAT_NAME:
+        from .ensemble import PatchCoreEnsemble
+
+        return PatchCoreEnsemble.load(path, device=device, **runtime)
+    return load_model(path, device=device, **runtime)
+
+
+def restore_model(record: dict[str, Any], bank: torch.Tensor, path, *, device: str = "cpu", weights: str | None = None, **runtime):
+    """A fitted PatchCore from one :func:`model_record` and its bank, checking the backbone against it."""
     from .backbones import create_backbone
     from .model import PatchCore
 
-    header = read_header(path)
-    tensors = read_tensors(path, header)
     try:
-        config = PatchCoreConfig.from_dict(header["config"])
+        config = PatchCoreConfig.from_dict(record["config"])
     except (PatchCoreError, TypeError) as exc:
         raise PatchCoreError(f"{path}: invalid settings in the model file ({exc})") from exc
     if weights is not None:
         config = PatchCoreConfig.from_dict({**config.to_dict(), "weights": str(weights)})
-    bank = tensors["memory_bank"]
     if bank.ndim != 2 or bank.dtype != torch.float32 or bank.shape[0] < 1:
         raise PatchCoreError(f"{path}: memory bank must be a non-empty (M, D) float32 tensor")
 
     model = PatchCore(config, device=device, **runtime)
     backbone = create_backbone(config.backbone, config.layers, config.weights).to(device)
-    recorded = header["backbone"]
+    recorded = record["backbone"]
     if backbone.name != recorded["name"] or list(backbone.layers) != recorded["layers"]:
         raise PatchCoreError(f"{path}: backbone mismatch ({backbone.name} {backbone.layers} vs {recorded})")
     if backbone.weights_sha256 != recorded["weights_sha256"]:
@@ -170,9 +201,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", weights: str | N
         raise PatchCoreError(f"{path}: memory bank has {bank.shape[1]} dimensions, the backbone gives {expected_dim}")
     model.backbone_ = backbone
     model._set_bank(bank)
-    model.n_train_ = int(header["train"]["n_train"])
-    model.feature_shape_ = tuple(header["train"]["feature_shape"])
-    model.fit_stats_ = {"full_bank_size": header["train"].get("full_bank_size")}
-    model.thresholds_ = header.get("thresholds") or {"image": None, "pixel": None, "method": None}
-    model.header_ = header
+    model.n_train_ = int(record["train"]["n_train"])
+    model.feature_shape_ = tuple(record["train"]["feature_shape"])
+    model.fit_stats_ = {"full_bank_size": record["train"].get("full_bank_size")}
+    model.thresholds_ = record.get("thresholds") or {"image": None, "pixel": None, "method": None}
     return model

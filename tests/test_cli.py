@@ -49,6 +49,7 @@ def test_predict_scores_and_maps(model_file, category, tmp_path):
     out = tmp_path / "out"
     result = run("predict", model_file, category / "test", category / "train" / "good" / "000.png", "-o", out, "--maps")
     assert result.returncode == 0, result.stderr
+    assert "%|" not in result.stderr and "img/s" not in result.stderr  # progress bars stay quiet off a terminal
     rows = read_csv(out / "scores.csv")
     assert list(rows[0])[:2] == ["path", "score"]
     assert len(rows) == 7 and all(float(r["score"]) >= 0 for r in rows)
@@ -199,3 +200,35 @@ def test_fit_add_extends_a_model(model_file, category, tmp_path):
     assert header["train"]["n_train"] == 5 + 3 and header["config"]["seed"] == 3
     result = run("fit", category / "test" / "good", "--add", model_file, "-o", extended, "--seed", "1")
     assert result.returncode != 0 and "--add keeps" in result.stderr
+
+
+def test_several_backbones_fit_an_ensemble(category, tmp_path):
+    model = tmp_path / "ens.safetensors"
+    result = run("fit", category, "-o", model, *FAST, "--backbone", "efficientnet_lite0", "efficientnet_lite1")
+    assert result.returncode == 0, result.stderr
+    header = json.loads(run("info", model).stdout)
+    assert header["format"] == "patchcore-ensemble" and len(header["members"]) == 2
+    out = tmp_path / "p"
+    assert run("predict", model, category / "test", "-o", out, "--maps").returncode == 0
+    assert len(read_csv(out / "scores.csv")) == 6 and (out / "maps" / "blob" / "000.npy").is_file()
+    result = run("evaluate", category, "-o", tmp_path / "e", "--model", model)
+    assert result.returncode == 0, result.stderr
+
+
+def test_calibrate_f1_fpr_and_by_hand(model_file, category, tmp_path):
+    out = tmp_path / "cal.safetensors"
+    good, bad = category / "test" / "good", category / "test" / "blob"
+    result = run("calibrate", model_file, "-o", out, "--f1", "--good", good, "--defective", bad)
+    assert result.returncode == 0, result.stderr
+    thresholds = json.loads(run("info", out).stdout)["thresholds"]
+    assert thresholds["method"] == "f1" and thresholds["image"] > 0
+    p = tmp_path / "p"
+    assert run("predict", out, category / "test", "-o", p).returncode == 0
+    rows = read_csv(p / "scores.csv")
+    assert all((r["is_anomalous"] == "true") == ("blob" in r["path"]) for r in rows)  # separable data: F1 = 1
+    assert run("calibrate", model_file, "-o", out, "--fpr", "0.3", "--good", good).returncode == 0
+    assert json.loads(run("info", out).stdout)["thresholds"]["method"] == "fpr"
+    assert run("calibrate", model_file, "-o", out, "--threshold", "2.5").returncode == 0
+    assert json.loads(run("info", out).stdout)["thresholds"]["image"] == 2.5
+    result = run("calibrate", model_file, "-o", out, "--f1", "--good", good)
+    assert result.returncode != 0 and "--defective" in result.stderr

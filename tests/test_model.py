@@ -250,3 +250,11 @@ def test_greedy_extend_matches_a_plain_continuation():
         mind = np.minimum(mind, ((zc - zc[c]) ** 2).sum(1))
     assert chosen.tolist() == expected
     assert greedy_extend(kept, candidates, 0).size == 0
+
+
+def test_progress_bars_draw_on_a_terminal(rng_images, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    PatchCore(**SMALL, progress=True).fit(rng_images[:2])
+    assert "extracting features" in capsys.readouterr().err
