@@ -37,6 +37,25 @@ def test_efficientnet_feature_info_and_partial_compute():
     assert [tuple(m.shape) for m in maps] == [(2, 40, 8, 8), (2, 80, 4, 4)]
 
 
+def test_cpu_batches_run_in_slices_with_the_same_maps(monkeypatch):
+    """A batch bigger than one slice is cut into slices on the CPU; the maps equal the one-pass result."""
+    import patchcore.backbones as backbones
+
+    backbone = create_backbone("efficientnet_lite0")
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    calls = []
+    run = backbone._run
+    backbone._run = lambda body, batch: calls.append(len(batch)) or run(body, batch)
+    whole = backbone(x)
+    assert calls == [5]
+    monkeypatch.setattr(backbones, "CPU_PIXELS_PER_SLICE", 2 * 64 * 64)
+    calls.clear()
+    sliced = backbone(x)
+    assert calls == [2, 2, 1]
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # conv kernels differ per batch size
+
+
 def test_efficientnet_bad_layer_names_the_valid_ones():
     with pytest.raises(PatchCoreError, match="blocks.0 ... blocks.6"):
         create_backbone("efficientnet_lite0", ["layer2"])

@@ -99,6 +99,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+# Measured on a 2-core x86 CPU (EfficientNet-Lite0): 4 images of 224 px or 1 of 384 px per slice ran fastest.
+CPU_PIXELS_PER_SLICE = 200_000
+
+
 class Backbone(nn.Module):
     """A frozen network returning the feature maps of ``layers`` for a normalised batch.
 
@@ -127,8 +131,18 @@ class Backbone(nn.Module):
         self._feature_info: list[FeatureInfo] | None = None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) normalised -> one (B, C_l, H/s_l, W/s_l) map per layer, in ``layers`` order."""
-        return self._run(self.body, x)
+        """(B, 3, H, W) normalised -> one (B, C_l, H/s_l, W/s_l) map per layer, in ``layers`` order.
+
+        On a CPU the batch runs in slices of about ``CPU_PIXELS_PER_SLICE`` input pixels: there a big batch
+        is slower per image, not faster (activations of hundreds of MB fall out of the caches and are
+        freshly page-faulted on every call), and its peak memory grows with the batch. The slices give the
+        same maps; see benchmarks/backbone_batch_bench.py.
+        """
+        step = max(1, CPU_PIXELS_PER_SLICE // (x.shape[-2] * x.shape[-1])) if x.device.type == "cpu" else len(x)
+        if len(x) <= step:
+            return self._run(self.body, x)
+        parts = [self._run(self.body, x[i : i + step]) for i in range(0, len(x), step)]
+        return [torch.cat(level) for level in zip(*parts)]
 
     @property
     def feature_info(self) -> list[FeatureInfo]:
