@@ -58,20 +58,27 @@ def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "SAME" padding computed from the input size (asymmetric when needed)."""
+    """Conv2d with TensorFlow "SAME" padding computed from the input size (asymmetric when needed).
+
+    TF pads one row/column more at the bottom/right than at the top/left when the total is odd. Instead
+    of copying the input into a padded tensor (F.pad runs several times slower than the depthwise conv
+    itself), the conv pads symmetrically by the larger amount and the kernel gets as many leading zero
+    taps as the top/left is short: each output then reads the same inputs with the same weights.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == (1, 1) and self.dilation == (1, 1):  # symmetric: let the conv pad, no copy
-            pad = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
-            return F.conv2d(x, self.weight, self.bias, 1, pad, 1, self.groups)
         pads = []
         for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
             pads.append((total // 2, total - total // 2))
         (top, bottom), (left, right) = pads
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        weight = self.weight
+        if bottom != top or right != left:
+            if self.dilation != (1, 1):  # a leading zero tap would shift by one pixel, not one dilation step
+                x = F.pad(x, (left, right, top, bottom))
+                return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            weight = F.pad(weight, (right - left, 0, bottom - top, 0))
+        return F.conv2d(x, weight, self.bias, self.stride, (bottom, right), self.dilation, self.groups)
 
 
 class MBConv(nn.Module):
