@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+# Distances held at once by default (16 MiB of fp32): blocks of this size stay near the caches and are
+# reused by the allocator, where one (queries x bank) matrix of hundreds of MB is page-faulted afresh on
+# every call and grows peak memory with the batch (benchmarks/knn_bench.py).
+BLOCK_ELEMENTS = 1 << 22
+
 
 def squared_norms(bank: torch.Tensor) -> torch.Tensor:
     """(M, D) -> (M,) squared L2 norms, precomputed once per bank."""
@@ -16,13 +21,14 @@ def knn(
     k: int = 1,
     *,
     bank_sq: torch.Tensor | None = None,
-    chunk_size: int = 8192,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest bank rows of each query.
 
     queries (Q, D), bank (M, D) -> (squared L2 distances (Q, k) ascending, indices (Q, k) int64).
     Distances use |q|^2 - 2 q.b + |b|^2 (one GEMM per chunk), clamped at 0. At most ``chunk_size`` x M
-    distances exist at once, so memory stays bounded for any number of queries.
+    distances exist at once (None: as many queries as keep that under ``BLOCK_ELEMENTS``), so memory stays
+    bounded for any number of queries.
     """
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"knn needs (Q, D) queries and (M, D) bank; got {tuple(queries.shape)} and {tuple(bank.shape)}")
@@ -30,25 +36,34 @@ def knn(
         raise ValueError(f"k={k} must lie between 1 and the bank size {bank.shape[0]}")
     if bank_sq is None:
         bank_sq = squared_norms(bank)
-    dists, indices = [], []
-    for start in range(0, queries.shape[0], chunk_size):
-        q = queries[start : start + chunk_size]
+    if chunk_size is None:
+        chunk_size = max(16, BLOCK_ELEMENTS // bank.shape[0])
+    n = queries.shape[0]
+    chunk_size = max(1, min(chunk_size, n))
+    # Every buffer is allocated once, before the loop: a fresh (chunk, M) matrix per chunk with small
+    # results kept in between fragments glibc's heap, which then grows by about one matrix per chunk.
+    dists = torch.empty(n, k, dtype=queries.dtype, device=queries.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=queries.device)
+    buffer = torch.empty(chunk_size, bank.shape[0], dtype=queries.dtype, device=queries.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        q, d = queries[start:stop], buffer[: stop - start]
         # |b|^2 - 2 q.b ranks the bank like the full distance; |q|^2 is added to the k winners only,
         # which saves two passes over the (chunk, M) matrix.
-        d = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0)
+        torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0, out=d)
+        value, index = dists[start:stop], indices[start:stop]
         if k == 1:
-            value, index = d.min(dim=1, keepdim=True)
+            torch.min(d, dim=1, keepdim=True, out=(value, index))
         else:
-            value, index = d.topk(k, dim=1, largest=False, sorted=True)
-        dists.append(value.add_((q * q).sum(dim=1, keepdim=True)).clamp_(min=0.0))
-        indices.append(index)
-    return torch.cat(dists), torch.cat(indices)
+            torch.topk(d, k, dim=1, largest=False, sorted=True, out=(value, index))
+        value.add_((q * q).sum(dim=1, keepdim=True)).clamp_(min=0.0)
+    return dists, indices
 
 
 class ExactIndex:
     """Exact search over a fixed bank (its squared norms computed once); same contract as FaissIndex."""
 
-    def __init__(self, bank: torch.Tensor, chunk_size: int = 8192) -> None:
+    def __init__(self, bank: torch.Tensor, chunk_size: int | None = None) -> None:
         self.bank = bank
         self.bank_sq = squared_norms(bank)
         self.chunk_size = chunk_size
@@ -58,19 +73,21 @@ class ExactIndex:
         return knn(queries, self.bank, k, bank_sq=self.bank_sq, chunk_size=self.chunk_size)
 
 
-SEARCH_BACKENDS = ("exact", "exact-bf16", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+SEARCH_BACKENDS = ("exact", "exact-fp32", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 
 
-def build_index(bank: torch.Tensor, backend: str = "exact", chunk_size: int = 8192, seed: int = 0):
-    """An index over ``bank`` (M, D): ``exact`` (blocked GEMM), ``exact-bf16`` (the same answers through a
-    bf16 shortlist with a rigorous error bound, ~3x faster single-threaded on CPUs with native bf16; see
-    benchmarks/knn_bench.py) or a faiss index (``pip install 'patchcore[faiss]'``).
+def build_index(bank: torch.Tensor, backend: str = "exact", chunk_size: int | None = None, seed: int = 0):
+    """An index over ``bank`` (M, D).
 
-    The approximate faiss kinds (ivf, hnsw) trade a small score drift for speed: see benchmarks/search_bench.py.
+    ``exact`` (the default): a bf16 matrix product with a rigorous error bound shortlists a few rows per
+    query, which are ranked in fp32: the answers of the fp32 search, 2-3x faster on CPUs with native bf16
+    dot products (see search_fast.py and benchmarks/knn_bench.py); elsewhere it is the fp32 search.
+    ``exact-fp32``: the plain blocked fp32 GEMM. ``faiss-*``: a faiss index (``pip install 'patchcore[faiss]'``);
+    the approximate kinds (ivf, hnsw) trade a small score drift for speed: see benchmarks/search_bench.py.
     """
-    if backend == "exact":
+    if backend == "exact-fp32":
         return ExactIndex(bank, chunk_size)
-    if backend == "exact-bf16":
+    if backend == "exact":
         from .search_fast import FilteredExactIndex
 
         return FilteredExactIndex(bank, chunk_size)
