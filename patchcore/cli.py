@@ -121,7 +121,8 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=None, help="images per backbone pass (default: 1 on a CPU, 32 on a GPU)")
     group.add_argument(
         "--search", choices=SEARCH_BACKENDS, default="exact",
-        help="nearest-neighbour backend (default: exact; faiss-* need pip install 'patchcore[faiss]'; ivf/hnsw are approximate)",
+        help="nearest-neighbour backend (default: exact, through a bf16 shortlist where the CPU has native bf16; "
+        "exact-fp32: plain fp32 GEMM; faiss-* need pip install 'patchcore[faiss]'; ivf/hnsw are approximate)",
     )
 
 

@@ -50,8 +50,8 @@ class PatchCore:
 
     ``PatchCore(config=None, **settings)``: settings are :class:`PatchCoreConfig` fields and override
     ``config``. ``device``, ``batch_size``, ``chunk_size``, ``search`` and ``progress`` only change how
-    fast it runs, so they are not part of the saved config (``search`` = ``exact`` or ``faiss-flat`` give
-    the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift measured in
+    fast it runs, so they are not part of the saved config (``search`` = ``exact``, ``exact-fp32`` or
+    ``faiss-flat`` give the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift measured in
     benchmarks/search_bench.py). ``batch_size=None`` picks 1 image per
     backbone pass on a CPU (measured fastest there: big activations thrash the caches) and 32 elsewhere.
     """
@@ -62,7 +62,7 @@ class PatchCore:
         *,
         device: str = "cpu",
         batch_size: int | None = None,
-        chunk_size: int = 8192,
+        chunk_size: int | None = None,
         search: str = "exact",
         progress: bool = False,
         **settings,

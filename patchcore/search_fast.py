@@ -128,7 +128,7 @@ class FilteredExactIndex:
     def __init__(
         self,
         bank: torch.Tensor,
-        chunk_size: int = 8192,
+        chunk_size: int | None = None,
         *,
         max_candidates: int = 256,
         block_elements: int = 2_000_000,
@@ -188,7 +188,7 @@ class FilteredExactIndex:
             or not 1 <= k <= self.bank.shape[0]
         ):
             return knn(queries, self.bank, k, bank_sq=self.bank_sq, chunk_size=self.chunk_size)
-        block = max(16, min(self.chunk_size, self.block_elements // self._bank_aug.shape[0]))
+        block = max(16, min(self.chunk_size or len(queries), self.block_elements // self._bank_aug.shape[0]))
         dists, indices = [], []
         for start in range(0, queries.shape[0], block):
             d, i = self._search_block(queries[start : start + block], k)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchcore.search import knn
-from patchcore.search_fast import SLICES, FilteredExactIndex, gamma
+from patchcore.search_fast import SLICES, FilteredExactIndex, cpu_has_native_bf16, gamma
 
 
 @pytest.fixture(autouse=True)
@@ -215,12 +215,13 @@ def test_unsupported_inputs_go_to_knn():
         off.search(bank.float()[:3], 51)
 
 
-def test_exact_bf16_backend_through_build_index():
+def test_default_exact_backend_is_the_filtered_search_with_the_fp32_answers():
     from patchcore.search import build_index
 
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
-    fast, plain = build_index(bank, "exact-bf16"), build_index(bank, "exact")
+    fast, plain = build_index(bank, "exact"), build_index(bank, "exact-fp32")
+    assert isinstance(fast, FilteredExactIndex) and fast.filtered == cpu_has_native_bf16()
     d1, i1 = fast.search(queries, 2)
     d2, i2 = plain.search(queries, 2)
     assert torch.equal(i1, i2)
