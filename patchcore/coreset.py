@@ -211,7 +211,11 @@ def _prepare(
     p = random_projection(dim, projection_dim, rng)
     z = np.ascontiguousarray(x @ p, dtype=np.float32)
     start = int(rng.integers(n))
-    mind = _squared_distances(z, z[start])
+    # In slices: the (N, d) difference matrix would be one more copy of z at the peak of fit.
+    # Each row's value depends on that row alone, so slicing changes no bit.
+    mind = np.empty(n, dtype=np.float32)
+    for a in range(0, n, 2**15):
+        mind[a : a + 2**15] = _squared_distances(z[a : a + 2**15], z[start])
     # Every squared distance is at most 4 * max(mind) (triangle inequality through the start);
     # keep it away from float32 overflow so no distance can become inf.
     if not np.isfinite(z).all() or 4.0 * float(mind.max()) >= _F32_MAX:
@@ -306,9 +310,10 @@ def _make_blocks(
     # Radius in float64 with the difference form (relative error ~1e-15), then padded.
     block = np.repeat(np.arange(used.size), counts)  # block of each position in block order
     dist = np.empty(n)
-    for a in range(0, n, 2**15):
-        diff = z[order[a : a + 2**15]] - reps[block[a : a + 2**15]]
-        dist[a : a + 2**15] = np.einsum("ij,ij->i", diff, diff)
+    step = 2**13  # float64 temporaries of a few MiB
+    for a in range(0, n, step):
+        diff = z[order[a : a + step]] - reps[block[a : a + step]]
+        dist[a : a + step] = np.einsum("ij,ij->i", diff, diff)
     radius = np.sqrt(np.maximum.reduceat(dist, offsets[:-1])) * (1.0 + 1e-9) + 1e-300
     return order, offsets, reps, radius
 
@@ -428,11 +433,12 @@ def _greedy_blocks(
     y = np.empty((n, m), dtype=np.float32)
     y_norm2 = np.empty(n)  # |y|^2 in float64 (of the float32 y)
     a_norm2 = np.empty(n)  # |z - mean|^2 in float64
-    for a in range(0, n, 2**15):
-        zc = z[a : a + 2**15] - mean
-        a_norm2[a : a + 2**15] = np.einsum("ij,ij->i", zc, zc)
-        y[a : a + 2**15] = zc @ basis
-        y_norm2[a : a + 2**15] = np.einsum("ij,ij->i", y[a : a + 2**15], y[a : a + 2**15], dtype=np.float64)
+    step = 2**13  # float64 temporaries of a few MiB
+    for a in range(0, n, step):
+        zc = z[a : a + step] - mean
+        a_norm2[a : a + step] = np.einsum("ij,ij->i", zc, zc)
+        y[a : a + step] = zc @ basis
+        y_norm2[a : a + step] = np.einsum("ij,ij->i", y[a : a + step], y[a : a + step], dtype=np.float64)
 
     order, offsets, reps, radius = _make_blocks(z, y, _BLOCK_SIZE)
     n_blocks = offsets.size - 1
@@ -440,8 +446,11 @@ def _greedy_blocks(
     # (no gathers, and the rows of its exact distances stay in cache). Row ids ascend inside
     # a block, so the first maximum in a block is still the smallest row id. Rows keep their
     # bits, so distances are unchanged.
-    for arr in (z, mind, y, y_norm2, a_norm2):
+    for arr in (mind, y_norm2, a_norm2):
         arr[...] = arr[order]
+    for arr in (z, y):  # a few columns at a time: a full-size gathered copy would raise peak memory
+        for c in range(0, arr.shape[1], 16):
+            arr[:, c : c + 16] = arr[order, c : c + 16]
     position = np.empty(n, dtype=np.int64)  # row id -> index in block order
     position[order] = np.arange(n)
 
