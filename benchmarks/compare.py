@@ -125,6 +125,11 @@ def figures(results: dict) -> dict:
     if ours.get("ok"):
         fig["predict_over_backbone_b1"] = ratio(ours.get("predict_b1_seconds"), ours.get("backbone_b1_seconds"))
         fig["predict_over_backbone_b32"] = ratio(ours.get("predict_b32_seconds"), ours.get("backbone_b32_seconds"))
+    default = results.get("ours_default", {})
+    if default.get("ok"):  # the same ratio at our own defaults (384 px, 1% coreset)
+        for size in (1, 32):
+            fig[f"predict_over_backbone_default_b{size}"] = ratio(
+                default.get(f"predict_b{size}_seconds"), default.get(f"backbone_b{size}_seconds"))
     for peer in PEERS:
         theirs = results.get(peer, {})
         if not (ours.get("ok") and theirs.get("ok")):

@@ -118,7 +118,7 @@ def make_model(args: argparse.Namespace, runtime: dict):
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime (never changes results)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    group.add_argument("--batch-size", type=int, default=None, help="images per backbone pass (default: 1 on a CPU, 32 on a GPU)")
+    group.add_argument("--batch-size", type=int, default=None, help="images processed together (default: 32; on a CPU the backbone runs them in slices of ~200k pixels)")
     group.add_argument(
         "--search", choices=SEARCH_BACKENDS, default="exact",
         help="nearest-neighbour backend (default: exact, through a bf16 shortlist where the CPU has native bf16; "

@@ -51,9 +51,9 @@ class PatchCore:
     ``PatchCore(config=None, **settings)``: settings are :class:`PatchCoreConfig` fields and override
     ``config``. ``device``, ``batch_size``, ``chunk_size``, ``search`` and ``progress`` only change how
     fast it runs, so they are not part of the saved config (``search`` = ``exact``, ``exact-fp32`` or
-    ``faiss-flat`` give the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift measured in
-    benchmarks/search_bench.py). ``batch_size=None`` picks 1 image per
-    backbone pass on a CPU (measured fastest there: big activations thrash the caches) and 32 elsewhere.
+    ``faiss-flat`` give the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift
+    measured in benchmarks/search_bench.py). ``batch_size`` (None: 32) is the images decoded, searched and
+    scored together; on a CPU the backbone runs them in slices of ~200k pixels (see ``Backbone.forward``).
     """
 
     def __init__(
@@ -374,7 +374,7 @@ class PatchCore:
 
     def _batch_size(self) -> int:
         if self.batch_size is None:
-            return 1 if str(self.device) == "cpu" else 32
+            return 32
         if self.batch_size < 1:
             raise PatchCoreError("batch_size must be at least 1")
         return self.batch_size
