@@ -120,8 +120,8 @@ class FilteredExactIndex:
     distances equal within fp32 rounding.
 
     ``chunk_size`` bounds the queries handled at once (as in ``knn``); the filter also works in blocks of
-    about ``block_elements`` distances so that its bf16 matrix stays in cache. ``max_candidates``: queries
-    with more shortlisted rows than this go to the plain fp32 path. ``use_bf16``: None detects native bf16
+    about ``block_elements`` distances (4M ran ~10% faster than 2M or 1M on banks of 4,608 and 15,680 rows,
+    2 threads). ``max_candidates``: queries with more shortlisted rows than this go to the plain fp32 path. ``use_bf16``: None detects native bf16
     support (and checks the kernel's accumulation once); False always uses ``knn``.
     """
 
@@ -131,7 +131,7 @@ class FilteredExactIndex:
         chunk_size: int | None = None,
         *,
         max_candidates: int = 256,
-        block_elements: int = 2_000_000,
+        block_elements: int = 1 << 22,
         use_bf16: bool | None = None,
     ) -> None:
         if bank.ndim != 2:
