@@ -153,3 +153,23 @@ def test_folded_batchnorm_computes_the_same_features():
         folded = model.fold_batchnorm().stages(x, [2, 4])
     for a, b in zip(expected, folded):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 2, 16), (3, 2, 15), (5, 2, 16), (5, 2, 17), (3, 1, 10), (1, 2, 8)])
+def test_same_padding_matches_tensorflow_padding_by_copy(kernel, stride, size):
+    """The zero-tap trick gives what padding a copy of the input TF-style (extra at bottom/right) gives."""
+    import math
+
+    import torch.nn.functional as F
+
+    from patchcore.backbones.efficientnet_lite import SameConv2d
+
+    conv = SameConv2d(4, 4, kernel, stride, groups=4, bias=False)
+    x = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(kernel + size))
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    before, after = total // 2, total - total // 2
+    expected = F.conv2d(F.pad(x, (before, after, before, after)), conv.weight, None, stride, 0, 1, 4)
+    with torch.no_grad():
+        got = conv(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
