@@ -27,8 +27,9 @@ def knn(
 
     queries (Q, D), bank (M, D) -> (squared L2 distances (Q, k) ascending, indices (Q, k) int64).
     Distances use |q|^2 - 2 q.b + |b|^2 (one GEMM per chunk), clamped at 0. At most ``chunk_size`` x M
-    distances exist at once (None: as many queries as keep that under ``BLOCK_ELEMENTS``), so memory stays
-    bounded for any number of queries.
+    distances exist at once (None: on a CPU as many queries as keep that near ``BLOCK_ELEMENTS``, at least
+    16; elsewhere 8192), so memory stays bounded for any number of queries. Results are written into
+    preallocated buffers, so it is not differentiable.
     """
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"knn needs (Q, D) queries and (M, D) bank; got {tuple(queries.shape)} and {tuple(bank.shape)}")
@@ -36,8 +37,8 @@ def knn(
         raise ValueError(f"k={k} must lie between 1 and the bank size {bank.shape[0]}")
     if bank_sq is None:
         bank_sq = squared_norms(bank)
-    if chunk_size is None:
-        chunk_size = max(16, BLOCK_ELEMENTS // bank.shape[0])
+    if chunk_size is None:  # a GPU wants few big launches; a CPU wants cache-sized blocks
+        chunk_size = max(16, BLOCK_ELEMENTS // bank.shape[0]) if queries.device.type == "cpu" else 8192
     n = queries.shape[0]
     chunk_size = max(1, min(chunk_size, n))
     # Every buffer is allocated once, before the loop: a fresh (chunk, M) matrix per chunk with small

@@ -155,20 +155,27 @@ def test_folded_batchnorm_computes_the_same_features():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(3, 2, 16), (3, 2, 15), (5, 2, 16), (5, 2, 17), (3, 1, 10), (1, 2, 8)])
-def test_same_padding_matches_tensorflow_padding_by_copy(kernel, stride, size):
-    """The zero-tap trick gives what padding a copy of the input TF-style (extra at bottom/right) gives."""
+@pytest.mark.parametrize(
+    "kernel,stride,dilation,size",
+    [(3, 2, 1, (16, 16)), (3, 2, 1, (15, 15)), (5, 2, 1, (16, 17)), (5, 2, 1, (17, 16)), (3, 1, 1, (10, 9)),
+     (4, 1, 1, (9, 10)), (1, 2, 1, (8, 8)), (3, 2, 2, (16, 15))],
+)
+def test_same_padding_matches_tensorflow_padding_by_copy(kernel, stride, dilation, size):
+    """The zero-tap trick gives what padding a copy of the input TF-style (extra at bottom/right) gives,
+    per axis (non-square inputs pad each axis differently); dilated convs take the copy path."""
     import math
 
     import torch.nn.functional as F
 
     from patchcore.backbones.efficientnet_lite import SameConv2d
 
-    conv = SameConv2d(4, 4, kernel, stride, groups=4, bias=False)
-    x = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(kernel + size))
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-    before, after = total // 2, total - total // 2
-    expected = F.conv2d(F.pad(x, (before, after, before, after)), conv.weight, None, stride, 0, 1, 4)
+    conv = SameConv2d(4, 4, kernel, stride, dilation=dilation, groups=4, bias=False)
+    x = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(kernel + sum(size)))
+    pads = []
+    for n in reversed(size):  # F.pad wants (left, right, top, bottom)
+        total = max((math.ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+        pads += [total // 2, total - total // 2]
+    expected = F.conv2d(F.pad(x, pads), conv.weight, None, stride, 0, dilation, 4)
     with torch.no_grad():
         got = conv(x)
     assert got.shape == expected.shape

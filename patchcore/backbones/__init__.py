@@ -99,7 +99,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-# Measured on a 2-core x86 CPU (EfficientNet-Lite0): 4 images of 224 px or 1 of 384 px per slice ran fastest.
+# That is 3 images of 224 px or 1 of 384 px per slice: on a 2-core x86 CPU (EfficientNet-Lite0) batch 32 ran
+# 6x faster per image in such slices than in one pass (benchmarks/backbone_batch_bench.py).
 CPU_PIXELS_PER_SLICE = 200_000
 
 
@@ -136,7 +137,7 @@ class Backbone(nn.Module):
         On a CPU the batch runs in slices of about ``CPU_PIXELS_PER_SLICE`` input pixels: there a big batch
         is slower per image, not faster (activations of hundreds of MB fall out of the caches and are
         freshly page-faulted on every call), and its peak memory grows with the batch. The slices give the
-        same maps; see benchmarks/backbone_batch_bench.py.
+        same maps up to float rounding (conv kernels may differ with the batch size).
         """
         step = max(1, CPU_PIXELS_PER_SLICE // (x.shape[-2] * x.shape[-1])) if x.device.type == "cpu" else len(x)
         if len(x) <= step:
