@@ -176,32 +176,32 @@ def plot_curves(points: list[dict], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def line_plot(name, x, series, xlabel, ylabel, title, scale=1.0):
+        """One PNG: each (key, style, label) of ``series`` is a line of scale * point[key] against x."""
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, style, label in series:
+            ax.plot(x, [scale * p[key] for p in points], style, label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(), ax.grid(alpha=0.3)
+        fig.savefig(out / name, dpi=100, bbox_inches="tight"), plt.close(fig)
+        return name
+
     n = [p["n_train"] for p in points]
     bank = [p["bank_size"] for p in points]
-    written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(n, [p["fit_seconds"] for p in points], "o-", label="fit")
-    ax.plot(n, [p["feature_seconds"] for p in points], "s--", label="features")
-    ax.plot(n, [p["coreset_seconds"] for p in points], "^--", label="coreset")
-    ax.set(xlabel="training images", ylabel="seconds", title="ours (defaults): fit time")
-    ax.legend(), ax.grid(alpha=0.3)
-    fig.savefig(out / "fit_time.png", dpi=100, bbox_inches="tight"), plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(n, [p["peak_rss_fit_mib"] for p in points], "o-", label="peak RSS through fit")
-    ax.plot(n, [p["peak_rss_mib"] for p in points], "^:", label="peak RSS incl. prediction timing")
-    ax.plot(n, [p["baseline_rss_mib"] for p in points], "s--", label="before fit (imports, model)")
-    ax.set(xlabel="training images", ylabel="MiB", title="ours (defaults): peak memory")
-    ax.legend(), ax.grid(alpha=0.3)
-    fig.savefig(out / "peak_memory.png", dpi=100, bbox_inches="tight"), plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("predict_b1_seconds", "predict, batch 1"), ("predict_b32_seconds", "predict, batch 32"),
-                       ("backbone_b1_seconds", "backbone alone, batch 1"), ("backbone_b32_seconds", "backbone alone, batch 32")):
-        ax.plot(bank, [1000 * p[key] for p in points], "o-" if "predict" in key else "s:", label=label)
-    ax.set(xlabel="memory bank size (patches)", ylabel="ms per image", title="ours (defaults): prediction time")
-    ax.legend(), ax.grid(alpha=0.3)
-    fig.savefig(out / "predict_time.png", dpi=100, bbox_inches="tight"), plt.close(fig)
-    written += ["fit_time.png", "peak_memory.png", "predict_time.png"]
-    return written
+    return [
+        line_plot("fit_time.png", n, [("fit_seconds", "o-", "fit"), ("feature_seconds", "s--", "features"),
+                                      ("coreset_seconds", "^--", "coreset")],
+                  "training images", "seconds", "ours (defaults): fit time"),
+        line_plot("peak_memory.png", n, [("peak_rss_fit_mib", "o-", "peak RSS through fit"),
+                                         ("peak_rss_mib", "^:", "peak RSS incl. prediction timing"),
+                                         ("baseline_rss_mib", "s--", "before fit (imports, model)")],
+                  "training images", "MiB", "ours (defaults): peak memory"),
+        line_plot("predict_time.png", bank, [("predict_b1_seconds", "o-", "predict, batch 1"),
+                                             ("predict_b32_seconds", "o-", "predict, batch 32"),
+                                             ("backbone_b1_seconds", "s:", "backbone alone, batch 1"),
+                                             ("backbone_b32_seconds", "s:", "backbone alone, batch 32")],
+                  "memory bank size (patches)", "ms per image", "ours (defaults): prediction time", scale=1000.0),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- main
