@@ -92,6 +92,15 @@ def test_torchvision_backbone_from_local_weights_file(tmp_path: Path, suffix):
     assert not any(n.startswith(("layer4", "fc")) for n in names)
 
 
+def test_torchvision_backbone_without_torchvision_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what an install without the extra looks like
+    with pytest.raises(PatchCoreError, match=r"pip install 'patchcore\[torchvision\]'"):
+        create_backbone("resnet18", weights="random")
+    assert create_backbone("efficientnet_lite0").name == "efficientnet_lite0"  # the default needs torch alone
+
+
 def test_torchvision_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

@@ -210,8 +210,14 @@ def _efficientnet_lite(name: str, spec: BackboneSpec, layers: tuple[str, ...], w
 
 
 def _torchvision(name: str, spec: BackboneSpec, layers: tuple[str, ...], weights) -> Backbone:
-    import torchvision
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    try:  # an optional extra: the default EfficientNet-Lite backbones need torch alone
+        import torchvision
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    except ImportError as exc:
+        raise PatchCoreError(
+            f"backbone {name!r} needs torchvision ({exc}): pip install 'patchcore[torchvision]', "
+            "or use the default efficientnet_lite0"
+        ) from exc
 
     model = torchvision.models.get_model(name, weights=None)
     digest = "random"
