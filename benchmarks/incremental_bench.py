@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from patchcore import PatchCore
-from patchcore.data import textile
-from patchcore.metrics import auroc
+from patchcore.datasets import textile
+from patchcore.evaluation.metrics import auroc
 
 
 def figures(model: PatchCore, data) -> dict[str, float]:

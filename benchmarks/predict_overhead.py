@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from patchcore import PatchCore
-from patchcore.data import textile
-from patchcore.images import load_image, preprocess
+from patchcore.datasets import textile
+from patchcore.imaging import load_image, preprocess
 
 
 def main() -> None:
@@ -29,13 +29,8 @@ def main() -> None:
     arrays = [load_image(s.path) for s in data.test[: args.test]]
     cfg, backbone = model.config, model.backbone_
     inputs = [preprocess(a, cfg.resize, cfg.input_size, backbone.mean, backbone.std)[0][None] for a in arrays]
-    variants = {}
-    for search in ("exact", "exact-fp32"):
-        variant = PatchCore(cfg, search=search)
-        variant.backbone_, variant.n_train_, variant.feature_shape_ = backbone, model.n_train_, model.feature_shape_
-        variant.fit_stats_, variant.thresholds_ = model.fit_stats_, model.thresholds_
-        variant._set_bank(model.memory_bank_)
-        variants[search] = variant
+    state = model.get_state()
+    variants = {search: PatchCore.from_state(state, search=search) for search in ("exact", "exact-fp32")}
     best: dict[str, float] = {}
     scores = {}
     for _ in range(2):

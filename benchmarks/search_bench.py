@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patchcore.search import knn, squared_norms  # noqa: E402
-from patchcore.search_faiss import FaissIndex  # noqa: E402
+from patchcore.core.knn import knn, squared_norms  # noqa: E402
+from patchcore.search.faiss_index import FaissIndex  # noqa: E402
 
 DEFAULT_BANK = Path("/work/exp/bank_lite0_224_b2b4.npy")
 PATCHES_PER_IMAGE = 28 * 28
@@ -167,8 +167,8 @@ def main() -> None:
 def textile_auroc(configs, args) -> None:
     """Image AUROC on the textile protocol, exact search vs each faiss index over the fitted bank."""
     from patchcore import PatchCore
-    from patchcore.data import textile
-    from patchcore.metrics import auroc
+    from patchcore.datasets import textile
+    from patchcore.evaluation.metrics import auroc
 
     data = textile()
     start = time.perf_counter()

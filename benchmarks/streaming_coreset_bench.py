@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from patchcore.coreset import StreamingCoreset, coreset_size, greedy_coreset, random_coreset  # noqa: E402
+from patchcore.core.coreset import StreamingCoreset, coreset_size, greedy_coreset, random_coreset  # noqa: E402
 
 DEFAULT_BANK = "/work/exp/bank_lite0_224_b2b4.npy"
 

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from patchcore.backbones import create_backbone
-from patchcore.coreset import greedy_coreset
-from patchcore.data import textile
-from patchcore.features import patch_features
-from patchcore.images import load_image, preprocess
-from patchcore.metrics import auroc
-from patchcore.search import knn
+from patchcore.core.coreset import greedy_coreset
+from patchcore.datasets import textile
+from patchcore.core.features import patch_features
+from patchcore.imaging import load_image, preprocess
+from patchcore.evaluation.metrics import auroc
+from patchcore.core.knn import knn
 
 
 def main() -> None:

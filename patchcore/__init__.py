@@ -1,13 +1,48 @@
-"""PatchCore industrial anomaly detection (Roth et al., CVPR 2022): fast on a CPU, offline by default."""
+"""PatchCore industrial anomaly detection (Roth et al., CVPR 2022): fast on a CPU, offline by default.
 
-__version__ = "0.1.0"
+The names below are imported on first use (PEP 562), so ``import patchcore.evaluation.metrics`` or
+``import patchcore.config`` does not pull in torch and the detectors.
+"""
 
-from .config import PatchCoreConfig  # noqa: E402
-from .errors import NotFittedError, PatchCoreError  # noqa: E402
-from .model import PatchCore, Prediction  # noqa: E402
-from .ensemble import PatchCoreEnsemble  # noqa: E402
-from .serialization import load_any as load  # noqa: E402
+from __future__ import annotations
 
-__all__ = [
-    "PatchCore", "PatchCoreConfig", "PatchCoreEnsemble", "PatchCoreError", "NotFittedError", "Prediction", "load", "__version__",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+# public name -> module that defines it
+_EXPORTS = {
+    "PatchCore": "patchcore.detectors.patchcore",
+    "PatchCoreEnsemble": "patchcore.detectors.ensemble",
+    "Detector": "patchcore.detectors.base",
+    "Prediction": "patchcore.detectors.base",
+    "Inference": "patchcore.detectors.base",
+    "Thresholds": "patchcore.detectors.base",
+    "load": "patchcore.detectors",
+    "PatchCoreConfig": "patchcore.config",
+    "PatchCoreError": "patchcore.errors",
+    "NotFittedError": "patchcore.errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from .config import PatchCoreConfig
+    from .detectors import load
+    from .detectors.base import Detector, Inference, Prediction, Thresholds
+    from .detectors.ensemble import PatchCoreEnsemble
+    from .detectors.patchcore import PatchCore
+    from .errors import NotFittedError, PatchCoreError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'patchcore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

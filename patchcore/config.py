@@ -9,9 +9,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .core.scoring_modes import DEFAULT_SCORING, SCORING_MODES, scoring_rule
 from .errors import PatchCoreError
 
-SCORING_MODES = ("paper", "official")
 CORESET_METHODS = ("greedy", "random")
 NORMALIZATIONS = ("backbone", "imagenet")
 
@@ -22,7 +22,7 @@ class PatchCoreConfig:
 
     Defaults were chosen by measurement on the textile protocol (README, "Choosing the defaults"):
     EfficientNet-Lite0 blocks.2 + blocks.3 at 384 px, a 1% coreset and the mean of the 20 largest patch
-    scores, reweighted by eq. 7.
+    scores, reweighted by eq. 7 (``scoring="mean-top-k"``).
 
     backbone, layers, weights: feature extractor (see ``patchcore.backbones``); layers None = its defaults.
     normalization: "backbone" feeds the backbone the statistics it was trained with (the right thing);
@@ -43,11 +43,13 @@ class PatchCoreConfig:
     max_bank_memory: MiB allowed for the patch-feature bank during fit; None holds every feature at once.
         When set, the bank is reduced by greedy coresets in shards as it grows, then once more over the
         union, so training sets far larger than memory fit (at a small, measured coverage cost).
-    scoring: "paper" (L2 distance, image score = max patch score reweighted by eq. 7 over
-        num_neighbors bank neighbours) or "official" (squared L2, patch score = mean over the k nearest,
-        image score = max), see README.
-    image_top_k: the image score aggregates the mean of the image_top_k largest patch scores instead of
-        the single largest (1 = the paper's max); larger values also catch defects spread over the image.
+    scoring: a mode of ``patchcore.core.scoring_modes.SCORING_RULES``: "mean-top-k" (the default: L2 distance,
+        image score = mean of the image_top_k largest patch scores reweighted by eq. 7 over num_neighbors
+        bank neighbours), "paper" (exactly the paper: L2, max patch score, eq. 7) or "official" (exactly
+        the official code: squared L2, patch score = mean over the k nearest, image score = max).
+    image_top_k: the image score is the mean of this many largest patch scores (1 = the max). None takes
+        the mode's own: 20 for "mean-top-k", 1 for "paper" and "official"; the stored config holds the
+        resolved number.
     sigma: Gaussian smoothing of anomaly maps, in pixels of the model input.
     seed: seeds every random choice (projection, coreset start, random coreset, calibration split).
     threshold_fpr: when set, fit holds out calibration_share of the good training images (they never enter
@@ -73,10 +75,10 @@ class PatchCoreConfig:
     coreset_size: int | None = None
     projection_dim: int = 128
     max_bank_memory: int | None = None
-    scoring: str = "paper"
+    scoring: str = DEFAULT_SCORING
     num_neighbors: int = 9
     k: int = 1
-    image_top_k: int = 20
+    image_top_k: int | None = None
     sigma: float = 4.0
     seed: int = 0
     threshold_fpr: float | None = None
@@ -112,6 +114,8 @@ class PatchCoreConfig:
             raise PatchCoreError("max_bank_memory is in MiB and must be at least 1")
         if self.projection_dim < 1:
             raise PatchCoreError("projection_dim must be at least 1 (paper: 128)")
+        if self.image_top_k is None:
+            object.__setattr__(self, "image_top_k", scoring_rule(self.scoring).default_top_k)
         if self.num_neighbors < 1 or self.k < 1 or self.image_top_k < 1:
             raise PatchCoreError("num_neighbors, k and image_top_k must be at least 1")
         if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:

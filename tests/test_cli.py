@@ -2,21 +2,18 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_cli as run
 from synthetic import make_mvtec
 
 FAST = ["--resize", "64", "--crop", "56", "--coreset-ratio", "0.5"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "patchcore.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -232,3 +229,23 @@ def test_calibrate_f1_fpr_and_by_hand(model_file, category, tmp_path):
     assert json.loads(run("info", out).stdout)["thresholds"]["image"] == 2.5
     result = run("calibrate", model_file, "-o", out, "--f1", "--good", good)
     assert result.returncode != 0 and "--defective" in result.stderr
+
+
+def test_fit_add_and_calibrate_work_on_ensembles(category, tmp_path):
+    model = tmp_path / "ens.safetensors"
+    fitted = run("fit", category, "-o", model, *FAST, "--backbone", "efficientnet_lite0", "efficientnet_lite1",
+                 "--threshold-fpr", "0.25", "--calibration-share", "0.4")
+    assert fitted.returncode == 0, fitted.stderr
+    header = json.loads(run("info", model).stdout)
+    assert header["thresholds"]["method"] == "fpr" and header["ensemble"]["threshold_fpr"] == 0.25
+    result = run("fit", category / "test" / "good", "--add", model, "-o", model)
+    assert result.returncode == 0, result.stderr
+    header = json.loads(run("info", model).stdout)
+    assert header["ensemble"]["n_train"] == 3 + 3 and all(m["train"]["n_train"] == 6 for m in header["members"])
+    result = run("calibrate", model, "-o", model, "--threshold", "-0.25")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(run("info", model).stdout)["thresholds"]["image"] == -0.25
+    out = tmp_path / "p"
+    assert run("predict", model, category / "test", "-o", out).returncode == 0
+    rows = read_csv(out / "scores.csv")
+    assert all(r["threshold"] == "-0.25" and r["is_anomalous"] in ("true", "false") for r in rows)

@@ -1,4 +1,4 @@
-"""Tests for patchcore.coreset: the fast greedy coreset must equal the reference loop exactly."""
+"""Tests for patchcore.core.coreset: the fast greedy coreset must equal the reference loop exactly."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patchcore import coreset
-from patchcore.coreset import (
+from patchcore.core import coreset
+from patchcore.core.coreset import (
     coreset_size,
     greedy_coreset,
     greedy_coreset_reference,

@@ -1,4 +1,4 @@
-"""Tests for patchcore.coreset.StreamingCoreset: greedy coreset under a bounded memory buffer."""
+"""Tests for patchcore.core.coreset.StreamingCoreset: greedy coreset under a bounded memory buffer."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore import coreset
-from patchcore.coreset import StreamingCoreset, greedy_coreset, random_coreset, rows_for_memory
+from patchcore.core import coreset
+from patchcore.core.coreset import StreamingCoreset, greedy_coreset, random_coreset, rows_for_memory
 
 
 def make_data(n: int, dim: int, seed: int, kind: str = "clustered") -> np.ndarray:

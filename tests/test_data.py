@@ -1,6 +1,6 @@
 import pytest
 
-from patchcore.data import open_dataset, textile
+from patchcore.datasets import open_dataset, textile
 from patchcore.errors import PatchCoreError
 from synthetic import make_mvtec
 
@@ -93,7 +93,7 @@ def test_visa_split_csv(tmp_path):
 
 
 def test_plain_folders_hold_out_good_test_images(tmp_path):
-    from patchcore.data import folders
+    from patchcore.datasets import folders
 
     for i in range(10):
         _image(tmp_path / "good" / f"{i}.png")

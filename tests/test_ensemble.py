@@ -57,3 +57,62 @@ def test_ensemble_needs_aligned_members(images):
         PatchCoreEnsemble(_members()[:1]).fit(images)
     with pytest.raises(PatchCoreError, match="must share resize"):
         PatchCoreEnsemble([PatchCoreConfig(**SMALL), PatchCoreConfig(resize=64, crop=48)]).fit(images)
+
+
+def test_ensemble_thresholds_from_the_held_out_images(images):
+    ensemble = PatchCoreEnsemble(_members(), calibration_share=0.25, threshold_fpr=0.5).fit(images)
+    thresholds = ensemble.thresholds_
+    assert thresholds.method == "fpr" and thresholds.n_calibration == 2 and thresholds.pixel is not None
+    # the members hold nothing out of their own: the ensemble's share serves them all
+    assert all(m.n_train_ == 6 and m.threshold_ is None for m in ensemble.models_)
+    rng = np.random.default_rng(8)
+    probe = [texture(rng), texture(rng, defect=True)]
+    decisions = [ensemble.decide(s) for s in ensemble.score_samples(probe)]
+    assert all(d["threshold"] == thresholds.image for d in decisions)
+    # standardised scores can be negative: the normalised score is a logistic, 0.5 at the threshold
+    assert ensemble.decide(thresholds.image)["normalized_score"] == 0.5
+    assert 0 < ensemble.decide(thresholds.image - 5)["normalized_score"] < 0.5 < ensemble.decide(thresholds.image + 5)["normalized_score"] < 1
+
+
+def test_ensemble_calibrate_set_threshold_and_partial_fit(ensemble, images, tmp_path):
+    rng = np.random.default_rng(11)
+    more = [texture(rng) for _ in range(3)]
+    copy = PatchCoreEnsemble.from_state(ensemble.get_state())
+    copy.calibrate(more, fpr=0.4)
+    assert copy.thresholds_.method == "fpr" and copy.thresholds_.n_calibration == 3
+    copy.set_threshold(-0.5)  # standardised: any finite value
+    assert copy.threshold_ == -0.5 and copy.decide(0.0)["is_anomalous"]
+    with pytest.raises(PatchCoreError, match="finite"):
+        copy.set_threshold(float("nan"))
+    sizes = [m.memory_bank_size for m in copy.models_]
+    copy.partial_fit(more)
+    assert copy.n_train_ == ensemble.n_train_ + 3 and all(m.n_train_ == 9 for m in copy.models_)
+    assert all(m.memory_bank_size >= s for m, s in zip(copy.models_, sizes))
+    copy.save(tmp_path / "e.safetensors")
+    again = patchcore.load(tmp_path / "e.safetensors")
+    assert again.threshold_ == -0.5 and again.n_train_ == copy.n_train_
+
+
+def test_ensemble_honours_its_batch_size(ensemble, images, monkeypatch):
+    seen = []
+    member = ensemble.models_[0]
+    original = member.infer
+
+    def spy(chunk, **kwargs):
+        seen.append(len(chunk))
+        return original(chunk, **kwargs)
+
+    monkeypatch.setattr(member, "infer", spy)
+    monkeypatch.setattr(ensemble, "batch_size", 3)
+    scores = ensemble.score_samples(images)
+    assert seen == [3, 3, 2]
+    monkeypatch.setattr(ensemble, "batch_size", None)
+    np.testing.assert_allclose(ensemble.score_samples(images), scores, rtol=1e-6)
+
+
+def test_state_round_trip_without_a_file(ensemble, images):
+    state = ensemble.get_state()
+    assert state.kind == "patchcore-ensemble" and set(state.tensors) == {"member0.memory_bank", "member1.memory_bank"}
+    copy = PatchCoreEnsemble.from_state(state)
+    np.testing.assert_array_equal(copy.score_samples(images[:2]), ensemble.score_samples(images[:2]))
+    json.dumps(state.meta)  # the meta is plain JSON

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from patchcore.errors import PatchCoreError
-from patchcore.images import Geometry, load_image, map_to_original, mask_to_input, preprocess
+from patchcore.imaging import Geometry, load_image, map_to_original, mask_to_input, preprocess
 
 
 def test_every_input_kind_gives_the_same_rgb(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for patchcore.metrics (AUROC, pixel AUROC, PRO)."""
+"""Tests for patchcore.evaluation.metrics (AUROC, pixel AUROC, PRO)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from patchcore.metrics import (
+from patchcore.evaluation.metrics import (
     auroc,
     image_auroc,
     pixel_auroc,

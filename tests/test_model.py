@@ -54,9 +54,7 @@ def test_scores_do_not_depend_on_batch_size(fitted, rng_images):
     images = [texture(rng, defect=i % 2 == 1) for i in range(5)]
     reference = fitted.score_samples(images)
     for batch_size in (1, 2, 5):
-        other = PatchCore(fitted.config, batch_size=batch_size)
-        other.backbone_, other.n_train_, other.feature_shape_ = fitted.backbone_, fitted.n_train_, fitted.feature_shape_
-        other._set_bank(fitted.memory_bank_)
+        other = PatchCore.from_state(fitted.get_state(), batch_size=batch_size)
         np.testing.assert_allclose(other.score_samples(images), reference, rtol=1e-5)
 
 
@@ -103,7 +101,7 @@ def test_save_load_identical_scores(fitted, rng_images, tmp_path):
     np.testing.assert_array_equal(loaded.anomaly_maps(rng_images[:1]), fitted.anomaly_maps(rng_images[:1]))
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()["patchcore"])
-    assert header["format_version"] == 1 and header["backbone"]["name"] == "efficientnet_lite0"
+    assert header["format_version"] == 2 and header["backbone"]["name"] == "efficientnet_lite0"
     assert len(header["backbone"]["weights_sha256"]) == 64 and header["train"]["seed"] == 0
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
 
@@ -184,12 +182,10 @@ def test_accepts_paths_pil_arrays_and_tensors(fitted, rng_images, tmp_path):
 
 def test_faiss_flat_search_gives_the_exact_scores(fitted, rng_images):
     pytest.importorskip("faiss")
-    model = PatchCore(fitted.config, search="faiss-flat")
-    model.backbone_, model.n_train_, model.feature_shape_ = fitted.backbone_, fitted.n_train_, fitted.feature_shape_
-    model._set_bank(fitted.memory_bank_)
+    model = PatchCore.from_state(fitted.get_state(), search="faiss-flat")
     np.testing.assert_allclose(model.score_samples(rng_images[:3]), fitted.score_samples(rng_images[:3]), rtol=1e-4)
     with pytest.raises(PatchCoreError, match="search="):
-        PatchCore(search="annoy")._set_bank(fitted.memory_bank_)
+        PatchCore.from_state(fitted.get_state(), search="annoy")
 
 
 def test_bounded_memory_fit_streams_shards(rng_images):
@@ -235,7 +231,7 @@ def test_partial_fit_extends_the_coreset_without_refitting(rng_images):
 
 
 def test_greedy_extend_matches_a_plain_continuation():
-    from patchcore.coreset import greedy_extend, random_projection
+    from patchcore.core.coreset import greedy_extend, random_projection
 
     rng = np.random.default_rng(0)
     kept, candidates = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32)
@@ -258,3 +254,62 @@ def test_progress_bars_draw_on_a_terminal(rng_images, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     PatchCore(**SMALL, progress=True).fit(rng_images[:2])
     assert "extracting features" in capsys.readouterr().err
+
+
+def test_sklearn_clone_copies_the_settings_and_not_the_fit(fitted):
+    from sklearn.base import clone
+
+    model = PatchCore(**SMALL, scoring="paper", batch_size=4, search="exact-fp32")
+    copy = clone(model)
+    assert copy is not model and copy.config == model.config and copy.batch_size == 4 and copy.search == "exact-fp32"
+    assert copy.get_params() == model.get_params()
+    fresh = clone(fitted)
+    assert fresh.config == fitted.config and not hasattr(fresh, "memory_bank_")
+    with pytest.raises(NotFittedError):
+        fresh.score_samples([np.zeros((8, 8, 3), np.uint8)])
+
+
+def test_set_params_validates_like_the_config():
+    model = PatchCore(**SMALL).set_params(coreset_ratio=0.5, batch_size=2)
+    assert model.config.coreset_ratio == 0.5 and model.batch_size == 2
+    with pytest.raises(PatchCoreError, match="coreset_ratio"):
+        model.set_params(coreset_ratio=2.0)
+    with pytest.raises(ValueError, match="invalid parameter"):
+        model.set_params(colour="red")
+
+
+def test_sklearn_clone_of_an_ensemble():
+    from sklearn.base import clone
+
+    from patchcore import PatchCoreEnsemble
+
+    ensemble = PatchCoreEnsemble([PatchCoreConfig(**SMALL), PatchCoreConfig(**SMALL, backbone="efficientnet_lite1")], threshold_fpr=0.1)
+    copy = clone(ensemble)
+    assert copy.members == ensemble.members and copy.threshold_fpr == 0.1
+
+
+@pytest.mark.parametrize(("scoring", "top_k"), [("mean-top-k", 20), ("paper", 1), ("official", 1)])
+def test_each_scoring_mode_resolves_its_own_image_top_k(scoring, top_k):
+    assert PatchCoreConfig(scoring=scoring).image_top_k == top_k
+    assert PatchCoreConfig(scoring=scoring, image_top_k=5).image_top_k == 5
+
+
+def test_paper_and_official_scores_are_exactly_what_they_say(fitted, rng_images):
+    """paper = max of the L2 patch scores times eq. 7's factor; official = max of the squared L2 patch scores."""
+    state = fitted.get_state()
+    images = rng_images[:2]
+    official = PatchCore.from_state(_with_config(state, scoring="official", image_top_k=1))
+    paper = PatchCore.from_state(_with_config(state, scoring="paper", image_top_k=1))
+    feats = torch.from_numpy(fitted.extract_features(images)).reshape(len(images), -1, fitted.memory_bank_.shape[1])
+    for i, image_feats in enumerate(feats):
+        squared = torch.cdist(image_feats.double(), fitted.memory_bank_.double()).min(dim=1).values ** 2
+        assert official.score_samples([images[i]])[0] == pytest.approx(float(squared.max()), rel=1e-4)
+        factor = paper.score_samples([images[i]])[0] / float(squared.max().sqrt())
+        assert 1 - 1 / 9 - 1e-6 <= factor <= 1.0
+
+
+def _with_config(state, **changes):
+    from patchcore.persistence import DetectorState
+
+    meta = {**state.meta, "config": {**state.meta["config"], **changes}}
+    return DetectorState(state.kind, meta, state.tensors)

@@ -4,24 +4,23 @@ import base64
 import io
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.html_report import build_examples, render_report, select_examples
-from patchcore.overlays import OverlayWriter, binary_mask, heatmap_overlay, overlay_range, sample_names, save_png
+from patchcore.datasets import Dataset, Sample
+from patchcore.evaluation.evaluate import evaluate
+from patchcore.reporting.html import ExampleCollector, render_report
+from patchcore.reporting.overlays import OverlayWriter, binary_mask, heatmap_overlay, overlay_range, sample_names, save_png, thumbnail
+from helpers import run_cli as run
 from synthetic import make_mvtec
 
 FAST = ["--resize", "64", "--crop", "56", "--coreset-ratio", "0.5"]
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "patchcore.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def hot_spot(size=(40, 50)):
@@ -84,9 +83,9 @@ def test_save_png_round_trips_and_leaves_no_temporary(tmp_path):
 
 
 def test_overlay_writer_without_thresholds_waits_for_the_run_maximum(tmp_path, fitted, rng_images):
-    writer = OverlayWriter(tmp_path, getattr(fitted, "thresholds_", None))
-    for i, (score, amap, geometry) in enumerate(fitted.predict_with_input_maps(rng_images[:2])):
-        writer.add(rng_images[i], f"img{i}.jpg", amap, geometry)
+    writer = OverlayWriter(tmp_path, fitted.thresholds_)
+    for i, result in enumerate(fitted.infer(rng_images[:2])):
+        writer.add(rng_images[i], f"img{i}.jpg", result.input_map, result.geometry)
     assert not (tmp_path / "overlays").exists()
     writer.finish()
     pictures = sorted(p.name for p in (tmp_path / "overlays").iterdir())
@@ -95,8 +94,6 @@ def test_overlay_writer_without_thresholds_waits_for_the_run_maximum(tmp_path, f
 
 
 def test_sample_names_are_unique():
-    from patchcore.data import Sample
-
     samples = [Sample(Path("a/x.png"), 0, "good"), Sample(Path("b/x.png"), 0, "good"), Sample(Path("c/x.png"), 1, "hole")]
     assert sample_names(samples) == [Path("good/x.png"), Path("good/x_1.png"), Path("hole/x.png")]
 
@@ -124,9 +121,8 @@ def test_render_report_is_self_contained_with_tables_plots_and_examples():
     image, amap = hot_spot()
     pixels = np.round(image * 255).astype(np.uint8)
     overlay = heatmap_overlay(image, amap, vmin=0, vmax=1.8, threshold=0.9)
-    fps, fns = select_examples(rows, n=2)
-    assert [r["score"] for r in fps] == sorted((r["score"] for r in rows if r["label"] == 0), reverse=True)[:2]
-    assert [r["score"] for r in fns] == sorted(r["score"] for r in rows if r["label"] == 1)[:2]
+    fps = sorted((r for r in rows if r["label"] == 0), key=lambda r: -r["score"])[:2]
+    fns = sorted((r for r in rows if r["label"] == 1), key=lambda r: r["score"])[:2]
     examples = [{**r, "kind": "false positive", "image": pixels, "overlay": overlay, "vmin": 0, "vmax": 1.8} for r in fps]
     examples += [{**r, "kind": "false negative", "image": pixels, "overlay": overlay, "vmin": 0, "vmax": 1.8} for r in fns]
     page = render_report(metrics, rows, curves, examples)
@@ -154,22 +150,35 @@ def test_render_report_without_masks_or_thresholds_skips_pro_and_threshold():
     assert "PRO" not in page and "none (fit with" in page
 
 
-def test_build_examples_computes_maps_for_the_worst_only(fitted, rng_images, monkeypatch):
-    rows = [{"path": image, "score": float(i), "label": int(i >= 3), "defect_type": "good" if i < 3 else "x"}
-            for i, image in enumerate(rng_images)]
-    seen = []
-    original = fitted.predict_with_input_maps
+def test_example_collector_keeps_the_worst_images_only_and_draws_them_like_the_overlays(fitted, tmp_path):
+    """The report's examples come from the evaluation's own maps (no second inference), and without
+    thresholds use the same run-wide colour range as OUT/overlays: the two pictures agree."""
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(paths[-1])
+    dataset = Dataset("d", [], [Sample(p, int(i >= 3), "good" if i < 3 else "x") for i, p in enumerate(paths)])
+    assert fitted.thresholds_.pixel is None
+    writer, collector = OverlayWriter(tmp_path / "out", fitted.thresholds_), ExampleCollector(fitted.thresholds_, n=1)
+    names = sample_names(dataset.test)
 
-    def spy(images):
-        seen.append(len(images))
-        return original(images)
+    def on_map(i, sample, score, amap, geometry):
+        writer.add(sample.path, names[i], amap, geometry)
+        collector.add(i, sample, score, amap, geometry)
 
-    monkeypatch.setattr(fitted, "predict_with_input_maps", spy)
-    examples = build_examples(fitted, rows, n=1)
-    assert seen == [2]
+    _, rows = evaluate(fitted, dataset, on_map=on_map)
+    writer.finish()
+    assert len(collector.kept) == 2
+    examples = collector.examples(rows)
+    good, bad = [r for r in rows if r["label"] == 0], [r for r in rows if r["label"] == 1]
     assert [e["kind"] for e in examples] == ["false positive", "false negative"]
-    assert [e["score"] for e in examples] == [2.0, 3.0]
-    assert examples[0]["overlay"].shape == rng_images[2].shape and examples[0]["overlay"].dtype == np.uint8
+    assert examples[0]["path"] == max(good, key=lambda r: r["score"])["path"]
+    assert examples[1]["path"] == min(bad, key=lambda r: r["score"])["path"]
+    for example in examples:
+        name = names[[str(p) for p in paths].index(example["path"])]
+        written = np.asarray(Image.open(tmp_path / "out" / "overlays" / name.with_suffix(".png")))
+        np.testing.assert_array_equal(example["overlay"], thumbnail(written, 256))
 
 
 # ----------------------------------------------------------------------------- command line

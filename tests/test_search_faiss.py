@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from patchcore.errors import PatchCoreError
-from patchcore.search import knn
-from patchcore.search_faiss import INDEX_KINDS, FaissIndex, default_nlist
+from patchcore.core.knn import knn
+from patchcore.search.faiss_index import INDEX_KINDS, FaissIndex, default_nlist
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchcore.search import knn
-from patchcore.search_fast import SLICES, FilteredExactIndex, cpu_has_native_bf16, gamma
+from patchcore.core.knn import knn
+from patchcore.search.bf16 import SLICES, FilteredExactIndex, cpu_has_native_bf16, gamma
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +182,7 @@ def test_the_bound_is_needed(monkeypatch):
     assert_same_as_knn(index, queries, 3)  # the real bound: correct
     zero = lambda nx, nq: (torch.zeros_like(nx, dtype=torch.float64), torch.zeros_like(nx, dtype=torch.float64))  # noqa: E731
     monkeypatch.setattr(index, "_bound_terms", zero)
-    monkeypatch.setattr("patchcore.search_fast.U_BF16", 0.0)
+    monkeypatch.setattr("patchcore.search.bf16.U_BF16", 0.0)
     with pytest.raises(AssertionError):
         assert_same_as_knn(index, queries, 3)
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchcore import PatchCore, PatchCoreError
-from patchcore.thresholds import f1_threshold, fpr_threshold, normalized_scores, split_calibration
+from patchcore.core.thresholds import f1_threshold, fpr_threshold, normalized_scores, split_calibration
 from synthetic import SMALL, texture
 
 
@@ -56,8 +56,8 @@ def test_fit_with_threshold_fpr_holds_out_calibration_images(rng_images, tmp_pat
     rng = np.random.default_rng(3)
     images = rng_images + [texture(rng) for _ in range(4)]
     model = PatchCore(**SMALL, threshold_fpr=0.2, calibration_share=0.3).fit(images)
-    assert model.n_train_ == 7 and model.thresholds_["n_calibration"] == 3
-    assert model.threshold_ > 0 and model.thresholds_["pixel"] > 0
+    assert model.n_train_ == 7 and model.thresholds_.n_calibration == 3
+    assert model.threshold_ > 0 and model.thresholds_.pixel > 0
     good = model.predict([texture(rng) for _ in range(3)])
     bad = model.predict([texture(rng, defect=True) for _ in range(3)])
     assert all(p.is_anomalous for p in bad) and all(p.normalized_score > 0.5 for p in bad)

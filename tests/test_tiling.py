@@ -1,15 +1,13 @@
 """Non-square images (keep_aspect) and tiling of large images (tile_size): geometry, model and command line."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from patchcore import PatchCore, PatchCoreError
-from patchcore.images import (
+from patchcore.imaging import (
     TiledGeometry,
     geometry_for,
     map_to_original,
@@ -21,6 +19,7 @@ from patchcore.images import (
     tile_positions,
 )
 
+from helpers import run_cli as run
 from synthetic import SMALL, make_mvtec, texture
 
 
@@ -151,8 +150,6 @@ def test_tiling_finds_a_small_defect_that_resizing_blurs():
 
 
 # ------------------------------------------------------------------ command line
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "patchcore.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_fit_predict_evaluate_with_tiles(tmp_path):

@@ -1,7 +1,7 @@
-"""The PatchCore estimator: a thin class composing backbone, patch features, coreset, search and maps.
+"""The PatchCore detector: a thin class composing backbone, patch features, coreset, search and maps.
 
-Follows scikit-learn's contract: ``__init__`` only stores settings, ``fit`` returns self, learned state
-ends in ``_``, and using an unfitted model raises :class:`NotFittedError`.
+It satisfies the :class:`~patchcore.detectors.base.Detector` contract; scoring, thresholds and files are
+shared there. Its settings are one :class:`~patchcore.config.PatchCoreConfig`.
 """
 
 from __future__ import annotations
@@ -9,43 +9,33 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
-from .config import PatchCoreConfig
-from .coreset import StreamingCoreset, coreset_size, greedy_coreset, greedy_extend, random_coreset, rows_for_memory
-from .errors import NotFittedError, PatchCoreError
-from .features import patch_features
-from .images import Geometry, ImageLike, TiledGeometry, describe, load_image, map_to_original, preprocess, stitch_maps
-from .images import tile_geometry, tile_inputs
-from .maps import anomaly_maps, gaussian_blur
-from .scoring import image_score, patch_scores
-from .search import SEARCH_BACKENDS, build_index
-from .thresholds import f1_threshold, fpr_threshold, normalized_scores, split_calibration
+from ..backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from ..config import PatchCoreConfig
+from ..core.coreset import StreamingCoreset, coreset_size, greedy_coreset, greedy_extend, random_coreset, rows_for_memory
+from ..core.features import patch_features
+from ..core.maps import anomaly_maps
+from ..core.scoring import image_score, patch_scores
+from ..core.thresholds import split_calibration
+from ..errors import PatchCoreError
+from ..imaging import Geometry, ImageLike, TiledGeometry, describe, load_image, preprocess, stitch_maps
+from ..imaging import tile_geometry, tile_inputs
+from ..persistence import DetectorState
+from ..persistence.model_file import SINGLE_KIND
+from ..search import SEARCH_BACKENDS, build_index
+from .base import Detector, Inference, Thresholds, not_fitted
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's result: its score and its anomaly map on the original image, (H, W) float32.
-
-    With a threshold: ``is_anomalous`` (score >= threshold) and ``normalized_score`` (0.5 at the threshold);
-    both None without one.
-    """
-
-    score: float
-    anomaly_map: np.ndarray
-    threshold: float | None = None
-    is_anomalous: bool | None = None
-    normalized_score: float | None = None
+RUNTIME = ("device", "batch_size", "chunk_size", "search", "progress")
 
 
-class PatchCore:
+class PatchCore(Detector):
     """PatchCore anomaly detector (Roth et al., CVPR 2022).
 
     ``PatchCore(config=None, **settings)``: settings are :class:`PatchCoreConfig` fields and override
@@ -54,7 +44,12 @@ class PatchCore:
     ``faiss-flat`` give the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift
     measured in benchmarks/search_bench.py). ``batch_size`` (None: 32) is the images decoded, searched and
     scored together; on a CPU the backbone runs them in slices of ~200k pixels (see ``Backbone.forward``).
+
+    Learned state: ``backbone_``, ``memory_bank_`` (M, D), ``feature_shape_`` (h, w of the feature grid),
+    ``n_train_``, ``fit_stats_``, ``thresholds_``.
     """
+
+    kind = SINGLE_KIND
 
     def __init__(
         self,
@@ -65,7 +60,7 @@ class PatchCore:
         chunk_size: int | None = None,
         search: str = "exact",
         progress: bool = False,
-        **settings,
+        **settings: Any,
     ) -> None:
         self.config = dataclasses.replace(config or PatchCoreConfig(), **settings)
         self.device = device
@@ -74,9 +69,31 @@ class PatchCore:
         self.search = search
         self.progress = progress
 
+    # ------------------------------------------------------------------ scikit-learn parameters
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Every config field and runtime setting, as keyword arguments of the constructor."""
+        return {**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)},
+                **{name: getattr(self, name) for name in RUNTIME}}
+
+    def set_params(self, **params: Any) -> PatchCore:
+        """Change settings (config fields or runtime ones); the config is validated again. Returns self."""
+        fields = {f.name for f in dataclasses.fields(PatchCoreConfig)}
+        unknown = sorted(set(params) - fields - set(RUNTIME))
+        if unknown:
+            raise ValueError(f"invalid parameter(s) {', '.join(unknown)} for PatchCore")
+        self.config = dataclasses.replace(self.config, **{k: v for k, v in params.items() if k in fields})
+        for name in RUNTIME:
+            if name in params:
+                setattr(self, name, params[name])
+        return self
+
     # ------------------------------------------------------------------ fitting
     def fit(self, images: Sequence[ImageLike]) -> PatchCore:
-        """Build the memory bank from good images and subsample it to the coreset. Returns self."""
+        """Build the memory bank from good images and subsample it to the coreset. Returns self.
+
+        With ``threshold_fpr`` (and no manual ``threshold``), a seeded ``calibration_share`` of the images
+        is held out of the bank and sets the thresholds (:meth:`calibrate`).
+        """
         images = list(images)
         if not images:
             raise PatchCoreError("no training images: fit needs at least one good image")
@@ -88,17 +105,15 @@ class PatchCore:
         started = time.perf_counter()
         backbone = self._make_backbone()
         batches = self._features(images, backbone, "extracting features")
-        if self.config.max_bank_memory is None:
+        if cfg.max_bank_memory is None:
             coreset, feature_shape, stats = self._coreset_in_memory(batches, len(images))
         else:
             coreset, feature_shape, stats = self._coreset_streaming(batches)
-        self._set_bank(coreset)
+        self._use_bank(coreset)
         self.backbone_ = backbone
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
-        self.thresholds_ = {
-            "image": cfg.threshold, "pixel": cfg.pixel_threshold, "method": "manual" if cfg.threshold else None,
-        }
+        self.thresholds_ = Thresholds(cfg.threshold, cfg.pixel_threshold, "manual" if cfg.threshold else None)
         if calibration:
             self.calibrate(calibration, cfg.threshold_fpr)
         self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
@@ -109,17 +124,18 @@ class PatchCore:
         """Add good images to a fitted model without re-extracting the old ones. Returns self.
 
         The new patch features are candidates for the existing coreset: the greedy selection continues
-        from the kept rows (:func:`patchcore.coreset.greedy_extend`) until the bank holds
+        from the kept rows (:func:`patchcore.core.coreset.greedy_extend`) until the bank holds
         ``coreset_ratio`` of all patch features seen (or ``coreset_size``). Thresholds are kept as they
         are; recalibrate with :meth:`calibrate` when the new images change what "good" looks like.
         """
-        backbone = self._check_fitted()
+        self._check_fitted()
         images = list(images)
         if not images:
             raise PatchCoreError("no images to add: partial_fit needs at least one good image")
         cfg = self.config
         started = time.perf_counter()
-        new = torch.cat([f.reshape(-1, f.shape[-1]).cpu() for f, _ in self._features(images, backbone, "extracting features")])
+        batches = self._features(images, self.backbone_, "extracting features")
+        new = torch.cat([f.reshape(-1, f.shape[-1]).cpu() for f, _ in batches])
         feature_seconds = time.perf_counter() - started
         seen = int(self.fit_stats_.get("full_bank_size") or self.memory_bank_.shape[0]) + new.shape[0]
         target = coreset_size(seen, cfg.coreset_ratio, cfg.coreset_size)
@@ -128,7 +144,7 @@ class PatchCore:
             chosen = random_coreset(new.shape[0], n_add, seed=cfg.seed + self.n_train_)
         else:
             chosen = greedy_extend(self.memory_bank_.cpu(), new, n_add, projection_dim=cfg.projection_dim, seed=cfg.seed)
-        self._set_bank(torch.cat([self.memory_bank_.cpu(), new[torch.from_numpy(chosen)]]))
+        self._use_bank(torch.cat([self.memory_bank_.cpu(), new[torch.from_numpy(chosen)]]))
         self.n_train_ += len(images)
         self.fit_stats_ = {
             "feature_seconds": feature_seconds,
@@ -140,74 +156,17 @@ class PatchCore:
             logger.warning("partial_fit keeps the old threshold; recalibrate if the new images differ")
         return self
 
-    def calibrate(self, good_images: Sequence[ImageLike], fpr: float) -> PatchCore:
-        """Set the image and pixel thresholds from good images that are not in the bank. Returns self.
-
-        The image threshold flags a fraction ``fpr`` of these images; the pixel threshold a fraction
-        ``fpr`` of their anomaly-map pixels (manual thresholds in the config are kept).
-        """
-        scores, maps = [], []
-        for score, amap, _ in self._infer(list(good_images), with_maps=True):
-            scores.append(score)
-            maps.append(amap.numpy().ravel())
-        cfg = self.config
-        self.thresholds_ = {
-            "image": cfg.threshold or fpr_threshold(np.array(scores), fpr),
-            "pixel": cfg.pixel_threshold or fpr_threshold(np.concatenate(maps), fpr),
-            "method": "manual" if cfg.threshold else "fpr",
-            "fpr": fpr,
-            "n_calibration": len(scores),
-        }
-        return self
-
-    def calibrate_f1(self, good_images: Sequence[ImageLike], defective_images: Sequence[ImageLike]) -> PatchCore:
-        """Set the image threshold that maximises F1 on labelled images (none of them in the bank). Returns self.
-
-        The pixel threshold is left as it is (it needs pixel labels; use :meth:`calibrate` for one from good images).
-        """
-        good, defective = list(good_images), list(defective_images)
-        scores = self.score_samples(good + defective)
-        labels = np.r_[np.zeros(len(good)), np.ones(len(defective))]
-        previous = getattr(self, "thresholds_", {})
-        self.thresholds_ = {
-            "image": f1_threshold(labels, scores),
-            "pixel": previous.get("pixel"),
-            "method": "f1",
-            "n_calibration": len(scores),
-        }
-        return self
-
-    def set_threshold(self, image: float | None, pixel: float | None = None) -> PatchCore:
-        """Thresholds by hand (scores are distances, so both must be positive). Returns self."""
-        for name, value in (("threshold", image), ("pixel threshold", pixel)):
-            if value is not None and not value > 0:
-                raise PatchCoreError(f"{name} {value} must be positive")
-        self._check_fitted()
-        self.thresholds_ = {"image": image, "pixel": pixel, "method": "manual"}
-        return self
-
     @property
     def memory_bank_size(self) -> int:
         """Rows in the memory bank."""
         self._check_fitted()
         return int(self.memory_bank_.shape[0])
 
-    @property
-    def threshold_(self) -> float | None:
-        """The image threshold (None when the model has none)."""
-        self._check_fitted()
-        return getattr(self, "thresholds_", {}).get("image")
+    def describe(self) -> dict[str, Any]:
+        return self.config.to_dict()
 
-    def decide(self, score: float) -> dict:
-        """threshold, is_anomalous and normalized_score of one raw score (all None without a threshold)."""
-        threshold = self.threshold_
-        if threshold is None:
-            return {"threshold": None, "is_anomalous": None, "normalized_score": None}
-        return {
-            "threshold": threshold,
-            "is_anomalous": bool(score >= threshold),
-            "normalized_score": float(normalized_scores(np.array([score]), threshold)[0]),
-        }
+    def _manual_thresholds(self) -> tuple[float | None, float | None]:
+        return self.config.threshold, self.config.pixel_threshold
 
     def _coreset_in_memory(self, batches, n_images: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
         """All patch features in one preallocated bank, then one coreset over it."""
@@ -283,7 +242,8 @@ class PatchCore:
     def _make_backbone(self) -> Backbone:
         return create_backbone(self.config.backbone, self.config.layers, self.config.weights).to(self.device)
 
-    def _set_bank(self, bank: torch.Tensor) -> None:
+    def _use_bank(self, bank: torch.Tensor) -> None:
+        """Adopt ``bank`` (M, D) as the memory bank and build its search index."""
         if self.search not in SEARCH_BACKENDS:
             raise PatchCoreError(f"search={self.search!r} is not one of {', '.join(SEARCH_BACKENDS)}")
         self.memory_bank_ = bank.to(self.device, torch.float32)
@@ -294,6 +254,12 @@ class PatchCore:
         if self.config.normalization == "imagenet":
             return IMAGENET_MEAN, IMAGENET_STD
         return backbone.mean, backbone.std
+
+    @property
+    def normalization_(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per RGB channel applied to [0, 1] pixels before the backbone."""
+        self._check_fitted()
+        return self._normalization(self.backbone_)
 
     def _inputs(
         self, images: Sequence[ImageLike], mean: tuple[float, ...], std: tuple[float, ...]
@@ -381,112 +347,114 @@ class PatchCore:
 
     def extract_features(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Patch features of images: (N, h, w, D) float32 (what the bank is made of)."""
-        backbone = self._check_fitted()
-        return np.concatenate([f.cpu().numpy() for f, _ in self._features(list(images), backbone, "features")])
+        self._check_fitted()
+        return np.concatenate([f.cpu().numpy() for f, _ in self._features(list(images), self.backbone_, "features")])
 
     # ------------------------------------------------------------------ inference
-    def _check_fitted(self) -> Backbone:
+    def _check_fitted(self) -> None:
         if not hasattr(self, "memory_bank_"):
-            raise NotFittedError("this PatchCore model is not fitted yet: call fit(images) or PatchCore.load(path)")
-        return self.backbone_
+            raise not_fitted("PatchCore")
 
-    def _infer(
-        self, images: Sequence[ImageLike], with_maps: bool
-    ) -> Iterator[tuple[float, torch.Tensor | None, Geometry | TiledGeometry]]:
-        """Per image: (image score, anomaly map at input resolution or None, geometry).
+    def infer(self, images: Sequence[ImageLike], *, maps: bool = True) -> Iterator[Inference]:
+        """Per image: (image score, anomaly map at input resolution or None, geometry), lazily.
 
         The map is (S, S) (S = crop or resize); with keep_aspect and no crop, the resized image's (H, W);
         with tiling, the tiles' maps stitched at the scaled image's size and the score the tiles' maximum.
         """
-        backbone = self._check_fitted()
+        self._check_fitted()
         cfg = self.config
         index = self._index
         tile_scores: list[float] = []
         tile_maps: list[np.ndarray] = []
-        for feats, owners in self._features(list(images), backbone, "scoring"):
+        for feats, owners in self._features(list(images), self.backbone_, "scoring"):
             batch, h, w, dim = feats.shape
             flat = feats.reshape(-1, dim)
             first, _ = owners[0]
-            shape = tuple(first.tiles[len(tile_scores)].input_shape if isinstance(first, TiledGeometry) else first.input_shape)
+            shape = first.tiles[len(tile_scores)].input_shape if isinstance(first, TiledGeometry) else first.input_shape
             with torch.inference_mode():
                 scores, nearest = patch_scores(flat, index, cfg.scoring, cfg.k)
                 scores, nearest, flat = scores.view(batch, h * w), nearest.view(batch, h * w), flat.view(batch, h * w, dim)
-                maps = _input_maps(scores.view(batch, h, w), shape, cfg.sigma) if with_maps else None
+                input_maps = anomaly_maps(scores.view(batch, h, w), tuple(shape), cfg.sigma).cpu().numpy() if maps else None
                 for i, (geometry, last) in enumerate(owners):
-                    score = image_score(scores[i], nearest[i], flat[i], index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k)
+                    score = float(image_score(scores[i], nearest[i], flat[i], index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k))
+                    amap = input_maps[i] if input_maps is not None else None
                     if not isinstance(geometry, TiledGeometry):
-                        yield float(score), (maps[i].cpu() if maps is not None else None), geometry
+                        yield Inference(score, amap, geometry)
                         continue
-                    tile_scores.append(float(score))
-                    if maps is not None:
-                        tile_maps.append(maps[i].cpu().numpy())
+                    tile_scores.append(score)
+                    if amap is not None:
+                        tile_maps.append(amap)
                     if last:
-                        stitched = torch.from_numpy(stitch_maps(tile_maps, geometry)) if maps is not None else None
-                        yield max(tile_scores), stitched, geometry
+                        yield Inference(max(tile_scores), stitch_maps(tile_maps, geometry) if maps else None, geometry)
                         tile_scores, tile_maps = [], []
 
-    def score_samples(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Image anomaly scores, (N,) float64; higher means more anomalous."""
-        return np.array([score for score, _, _ in self._infer(images, with_maps=False)], dtype=np.float64)
-
-    def anomaly_maps(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Pixel anomaly maps at the model's input resolution, (N, S, S) float32, S = crop (or resize).
-
-        With keep_aspect and no crop they are (N, h, w) at the input size; with tile_size (N, H, W) at the
-        (tile_scale-scaled) image size; maps of different sizes raise an error: use :meth:`predict`.
-        """
-        maps = [amap.numpy() for _, amap, _ in self._infer(images, with_maps=True)]
-        size = self.config.input_size
-        if len({m.shape for m in maps}) > 1:
-            raise PatchCoreError(
-                "these images give anomaly maps of different sizes (keep_aspect without crop, or tile_size): "
-                "use predict() for one map per image at its original size"
-            )
-        return np.stack(maps) if maps else np.empty((0, size, size), np.float32)
-
-    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
-        """Per image: score and anomaly map in the original image's coordinates."""
-        return [
-            Prediction(score, map_to_original(amap.numpy(), geometry), **self.decide(score))
-            for score, amap, geometry in self._infer(images, with_maps=True)
-        ]
-
-    def predict_with_input_maps(
-        self, images: Sequence[ImageLike]
-    ) -> Iterable[tuple[float, np.ndarray, Geometry | TiledGeometry]]:
-        """Like :meth:`predict` but yields (score, map at input resolution, geometry), lazily; with tiling the
-        map is the stitched one at the scaled image size. ``map_to_original(map, geometry)`` maps it back."""
-        for score, amap, geometry in self._infer(images, with_maps=True):
-            yield score, amap.numpy(), geometry
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path) -> None:
-        """Write the model atomically as one safetensors file (see :mod:`patchcore.serialization`)."""
-        from .serialization import save_model
-
+    # ------------------------------------------------------------------ state
+    def get_state(self) -> DetectorState:
         self._check_fitted()
-        save_model(self, path)
+        backbone = self.backbone_
+        meta = {
+            "config": self.config.to_dict(),
+            "backbone": {"name": backbone.name, "layers": list(backbone.layers), "weights_sha256": backbone.weights_sha256},
+            "train": {
+                "n_train": self.n_train_,
+                "feature_shape": list(self.feature_shape_),
+                "full_bank_size": self.fit_stats_.get("full_bank_size"),
+                "seed": self.config.seed,
+            },
+            "thresholds": self.thresholds_.to_dict(),
+        }
+        return DetectorState(self.kind, meta, {"memory_bank": self.memory_bank_.detach().cpu().numpy()})
 
     @classmethod
-    def load(cls, path, *, device: str = "cpu", weights: str | None = None, **runtime) -> PatchCore:
-        """Read a model file written by :meth:`save`, refusing edited, truncated or foreign files."""
-        from .serialization import load_model
+    def from_state(cls, state: DetectorState, *, source: Any = "state", weights: str | None = None, **runtime: Any) -> PatchCore:
+        """A fitted PatchCore from its state, checking the backbone here against the one it was fitted with.
 
-        return load_model(path, device=device, weights=weights, **runtime)
+        ``weights`` points at the backbone weights when the file recorded in the model is elsewhere on this
+        machine; they must hash to what the model was fitted with.
+        """
+        meta = state.meta
+        try:
+            config = PatchCoreConfig.from_dict(meta["config"])
+            recorded = meta["backbone"]
+            train = meta["train"]
+            n_train, feature_shape = int(train["n_train"]), tuple(int(v) for v in train["feature_shape"])
+            bank = np.asarray(state.tensors["memory_bank"])
+        except PatchCoreError as exc:
+            raise PatchCoreError(f"{source}: invalid settings in the model ({exc})") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PatchCoreError(f"{source}: the model's header is incomplete or malformed ({exc!r}); refit or restore it") from exc
+        if weights is not None:
+            config = dataclasses.replace(config, weights=str(weights))
+        if bank.ndim != 2 or bank.dtype != np.float32 or bank.shape[0] < 1:
+            raise PatchCoreError(f"{source}: memory bank must be a non-empty (M, D) float32 tensor")
+        model = cls(config, **runtime)
+        backbone = create_backbone(config.backbone, config.layers, config.weights).to(model.device)
+        if backbone.name != recorded.get("name") or list(backbone.layers) != recorded.get("layers"):
+            raise PatchCoreError(f"{source}: backbone mismatch ({backbone.name} {backbone.layers} vs {recorded})")
+        if backbone.weights_sha256 != recorded.get("weights_sha256"):
+            raise PatchCoreError(
+                f"{source}: the backbone weights here (sha256 {backbone.weights_sha256[:12]}) differ from those the "
+                f"model was fitted with ({str(recorded.get('weights_sha256'))[:12]}): pass the original weights file, or refit"
+            )
+        expected_dim = config.target_dim or sum(info.channels for info in backbone.feature_info)
+        if bank.shape[1] != expected_dim:
+            raise PatchCoreError(f"{source}: memory bank has {bank.shape[1]} dimensions, the backbone gives {expected_dim}")
+        model.backbone_ = backbone
+        model._use_bank(torch.from_numpy(bank.copy()))
+        model.n_train_ = n_train
+        model.feature_shape_ = feature_shape
+        model.fit_stats_ = {"full_bank_size": train.get("full_bank_size")}
+        model.thresholds_ = Thresholds.from_dict(meta.get("thresholds"))
+        model.provenance_ = dict(state.provenance)
+        return model
 
     def __repr__(self) -> str:
-        changed = {
+        defaults = PatchCoreConfig(scoring=self.config.scoring)  # image_top_k's default depends on the mode
+        changed = {"scoring": self.config.scoring} if self.config.scoring != PatchCoreConfig.scoring else {}
+        changed |= {
             f.name: getattr(self.config, f.name)
             for f in dataclasses.fields(self.config)
-            if getattr(self.config, f.name) != f.default
+            if getattr(self.config, f.name) != getattr(defaults, f.name)
         }
         fitted = f", fitted on {self.n_train_} images" if hasattr(self, "n_train_") else ""
         return f"PatchCore({', '.join(f'{k}={v!r}' for k, v in changed.items())}){fitted}"
-
-
-def _input_maps(grid_scores: torch.Tensor, shape: tuple[int, int], sigma: float) -> torch.Tensor:
-    """(N, h, w) patch scores -> (N, H, W) maps at the input shape (non-square inputs with keep_aspect)."""
-    if shape[0] == shape[1]:
-        return anomaly_maps(grid_scores, shape[0], sigma)
-    up = torch.nn.functional.interpolate(grid_scores[:, None], size=shape, mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(up, sigma)

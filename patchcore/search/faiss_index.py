@@ -27,8 +27,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .errors import PatchCoreError
-from .search import knn, squared_norms
+from ..errors import PatchCoreError
+from ..core.knn import knn, squared_norms
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 

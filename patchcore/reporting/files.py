@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .serialization import atomic_write
+from ..persistence import atomic_write
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

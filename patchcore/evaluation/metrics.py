@@ -32,6 +32,8 @@ __all__ = [
     "pixel_auroc",
     "pro_curve",
     "pro_score",
+    "pro_area",
+    "one_against_good",
 ]
 
 logger = logging.getLogger(__name__)
@@ -532,5 +534,28 @@ def pro_score(
     """
     max_fpr = _check_max_fpr(max_fpr)
     fpr, pro = pro_curve(masks, maps, max_fpr=max_fpr, num_thresholds=num_thresholds)
+    return pro_area(fpr, pro, max_fpr)
+
+
+def pro_area(fpr: ArrayLike, pro: ArrayLike, max_fpr: float = 0.3) -> float:
+    """Normalised trapezoidal area under a PRO curve that ends at ``max_fpr`` (see :func:`pro_curve`).
+
+    >>> pro_area([0.0, 0.3], [0.0, 1.0])
+    0.5
+    """
+    fpr, pro = np.asarray(fpr, dtype=np.float64), np.asarray(pro, dtype=np.float64)
     area = float(np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2.0)
     return min(max(area / max_fpr, 0.0), 1.0)
+
+
+def one_against_good(types: ArrayLike, good: str = "good") -> dict[str, NDArray[np.bool_]]:
+    """For each defect type, the samples of that type and the good ones: ``{type: (N,) bool}``, types sorted.
+
+    The per-type AUROC (and ROC curve) of a type is taken over exactly these samples.
+
+    >>> {k: v.tolist() for k, v in one_against_good(["good", "scratch", "dent", "good"]).items()}
+    {'dent': [True, False, True, True], 'scratch': [True, True, False, True]}
+    """
+    types = np.asarray(types)
+    is_good = types == good
+    return {str(t): is_good | (types == t) for t in sorted(set(types.tolist()) - {good})}

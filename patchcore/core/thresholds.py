@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from .errors import PatchCoreError
+from ..errors import PatchCoreError
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +19,9 @@ def split_calibration(n: int, share: float, seed: int) -> tuple[np.ndarray, np.n
     """Indices (fit, calibration) of n training images; ``share`` of them, at least one, are held out.
 
     The held-out images never enter the memory bank, so their scores behave like unseen good images.
+
+    >>> split_calibration(5, 0.4, seed=0)
+    (array([0, 1, 3]), array([2, 4]))
     """
     if not 0 < share < 1:
         raise PatchCoreError(f"calibration_share={share} must lie in (0, 1), e.g. 0.2")
@@ -30,7 +33,11 @@ def split_calibration(n: int, share: float, seed: int) -> tuple[np.ndarray, np.n
 
 
 def fpr_threshold(good_scores: np.ndarray, fpr: float) -> float:
-    """(N,) scores of good images -> the threshold above which a fraction ``fpr`` of them would lie."""
+    """(N,) scores of good images -> the threshold above which a fraction ``fpr`` of them would lie.
+
+    >>> fpr_threshold(np.arange(1.0, 101.0), 0.05)
+    95.05
+    """
     scores = np.asarray(good_scores, dtype=np.float64).ravel()
     if scores.size == 0:
         raise PatchCoreError("no good images to calibrate the threshold on")
@@ -62,8 +69,23 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def normalized_scores(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Map non-negative scores monotonically into [0, 1) with exactly 0.5 at ``threshold``: s / (s + t)."""
+    """Map non-negative scores (distances) monotonically into [0, 1) with exactly 0.5 at ``threshold``: s / (s + t).
+
+    >>> normalized_scores(np.array([0.0, 1.0, 3.0]), 1.0)
+    array([0.  , 0.5 , 0.75])
+    """
     scores = np.asarray(scores, dtype=np.float64)
     if threshold <= 0:
         raise PatchCoreError(f"threshold={threshold} must be positive (scores are distances)")
     return scores / (scores + threshold)
+
+
+def logistic_scores(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Map scores of any sign (standardised ones) monotonically into (0, 1), exactly 0.5 at ``threshold``:
+    1 / (1 + exp(t - s)), so one standard deviation above the threshold gives 0.73.
+
+    >>> logistic_scores(np.array([-1.0, 0.5, 2.0]), 0.5).round(3)
+    array([0.182, 0.5  , 0.818])
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * (scores - float(threshold))))  # the logistic, without overflow

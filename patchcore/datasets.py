@@ -1,6 +1,8 @@
 """Data sets on disk: MVTec AD and its kin (MPDD, BTAD), VisA, plain folders, and the embedded textile set.
 
 A :class:`Dataset` is only lists of paths and labels; images are read later, by the model.
+:data:`LAYOUTS` is the one place to add a data layout: a test that recognises its folder and the
+function that opens it, tried in order by :func:`open_dataset`.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collections.abc import Callable
+
+from .core.thresholds import split_calibration
 from .errors import PatchCoreError
-from .images import list_images
+from .imaging import list_images
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +47,8 @@ class Dataset:
 
 
 def open_dataset(spec: str | os.PathLike) -> Dataset:
-    """Open DATA by its layout.
-
-    ``textile``; an MVTec AD / MPDD / BTAD category folder (``train/good`` or ``train/ok``); a VisA category
-    folder (its parent holds ``split_csv/1cls.csv``); otherwise a plain folder of good images.
-    """
+    """Open DATA by its layout: ``textile``, or the first of :data:`LAYOUTS` that recognises the folder
+    (VisA category, MVTec AD / MPDD / BTAD category), otherwise a plain folder of good images."""
     if str(spec) == "textile":
         return textile()
     root = Path(spec)
@@ -54,10 +56,9 @@ def open_dataset(spec: str | os.PathLike) -> Dataset:
         raise PatchCoreError(f"{root}: no such folder (DATA is 'textile', an MVTec category folder or a folder of images)")
     if not root.is_dir():
         raise PatchCoreError(f"{root}: DATA must be a folder, or 'textile'")
-    if (root.parent / VISA_SPLIT).is_file():
-        return visa(root)
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return mvtec(root)
+    for recognises, open_layout in LAYOUTS:
+        if recognises(root):
+            return open_layout(root)
     return image_folder(root)
 
 
@@ -159,14 +160,12 @@ def folders(good: str | os.PathLike, defective: str | os.PathLike | None = None,
     good_images = image_folder(good).train
     if defective is None:
         return Dataset(Path(good).name, good_images)
-    import numpy as np
-
-    order = np.random.default_rng(seed).permutation(len(good_images))
-    n_test = max(1, int(round(len(good_images) * test_share)))
-    if len(good_images) - n_test < 1:
-        raise PatchCoreError(f"{good}: need at least 2 good images to hold some out for testing")
-    train = sorted(good_images[i] for i in order[n_test:])
-    test = [Sample(good_images[i], 0, GOOD) for i in sorted(order[:n_test])]
+    try:
+        keep, held_out = split_calibration(len(good_images), test_share, seed)
+    except PatchCoreError as exc:
+        raise PatchCoreError(f"{good}: need at least 2 good images to hold some out for testing") from exc
+    train = [good_images[i] for i in keep]
+    test = [Sample(good_images[i], 0, GOOD) for i in held_out]
     defective = Path(defective)
     for path in image_folder(defective).train:
         relative = path.relative_to(defective)
@@ -176,6 +175,13 @@ def folders(good: str | os.PathLike, defective: str | os.PathLike | None = None,
     if masks and not any(s.mask_path for s in test):
         raise PatchCoreError(f"{masks}: no mask matches a defective image (expected <name>.png or <name>_mask.png)")
     return Dataset(Path(good).name, train, test)
+
+
+# (recognises the folder, opens it), tried in order; a folder none recognises is a plain folder of good images
+LAYOUTS: list[tuple[Callable[[Path], bool], Callable[[Path], Dataset]]] = [
+    (lambda root: (root.parent / VISA_SPLIT).is_file(), visa),
+    (lambda root: (root / "train").is_dir() or (root / "test").is_dir(), mvtec),
+]
 
 
 # The textile protocol of SPEC.md: train on the first 200 nominal images; test on nominal 801-1000,

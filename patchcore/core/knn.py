@@ -1,4 +1,7 @@
-"""Exact nearest-neighbour search by blocked matrix products, memory bounded by a chunk size."""
+"""Exact nearest neighbours by blocked matrix products, memory bounded by a chunk size.
+
+The pure function under every exact search index (``patchcore.search``) and the coreset's extension step.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +33,15 @@ def knn(
     distances exist at once (None: on a CPU as many queries as keep that near ``BLOCK_ELEMENTS``, at least
     16; elsewhere 8192), so memory stays bounded for any number of queries. Results are written into
     preallocated buffers, so it is not differentiable.
+
+    >>> bank = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
+    >>> dists, idx = knn(torch.tensor([[3.0, 3.0], [0.0, 0.5]]), bank, k=2)
+    >>> dists
+    tensor([[1.0000, 8.0000],
+            [0.2500, 1.2500]])
+    >>> idx
+    tensor([[1, 2],
+            [0, 2]])
     """
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"knn needs (Q, D) queries and (M, D) bank; got {tuple(queries.shape)} and {tuple(bank.shape)}")
@@ -59,41 +71,3 @@ def knn(
             torch.topk(d, k, dim=1, largest=False, sorted=True, out=(value, index))
         value.add_((q * q).sum(dim=1, keepdim=True)).clamp_(min=0.0)
     return dists, indices
-
-
-class ExactIndex:
-    """Exact search over a fixed bank (its squared norms computed once); same contract as FaissIndex."""
-
-    def __init__(self, bank: torch.Tensor, chunk_size: int | None = None) -> None:
-        self.bank = bank
-        self.bank_sq = squared_norms(bank)
-        self.chunk_size = chunk_size
-
-    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, D) queries -> (squared L2 distances (Q, k) ascending, indices (Q, k))."""
-        return knn(queries, self.bank, k, bank_sq=self.bank_sq, chunk_size=self.chunk_size)
-
-
-SEARCH_BACKENDS = ("exact", "exact-fp32", "faiss-flat", "faiss-ivf", "faiss-hnsw")
-
-
-def build_index(bank: torch.Tensor, backend: str = "exact", chunk_size: int | None = None, seed: int = 0):
-    """An index over ``bank`` (M, D).
-
-    ``exact`` (the default): a bf16 matrix product with a rigorous error bound shortlists a few rows per
-    query, which are ranked in fp32: the answers of the fp32 search, 2-3x faster on CPUs with native bf16
-    dot products (see search_fast.py and benchmarks/knn_bench.py); elsewhere it is the fp32 search.
-    ``exact-fp32``: the plain blocked fp32 GEMM. ``faiss-*``: a faiss index (``pip install 'patchcore[faiss]'``);
-    the approximate kinds (ivf, hnsw) trade a small score drift for speed: see benchmarks/search_bench.py.
-    """
-    if backend == "exact-fp32":
-        return ExactIndex(bank, chunk_size)
-    if backend == "exact":
-        from .search_fast import FilteredExactIndex
-
-        return FilteredExactIndex(bank, chunk_size)
-    if backend not in SEARCH_BACKENDS:
-        raise ValueError(f"search backend {backend!r} is not one of {', '.join(SEARCH_BACKENDS)}")
-    from .search_faiss import FaissIndex
-
-    return FaissIndex(bank, backend.removeprefix("faiss-"), seed=seed)

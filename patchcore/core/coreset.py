@@ -872,7 +872,7 @@ def greedy_extend(
     projection = torch.from_numpy(random_projection(kept.shape[1], projection_dim, rng))
     z_kept = torch.from_numpy(kept) @ projection
     z_new = torch.from_numpy(candidates) @ projection
-    from .search import knn
+    from .knn import knn
 
     mind = knn(z_new, z_kept, 1)[0][:, 0]
     # |z - c|^2 = |z|^2 - 2 z.c + |c|^2: one matrix-vector product per step and no (N, d) temporary

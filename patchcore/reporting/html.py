@@ -4,8 +4,9 @@ worst false positives and false negatives with their heatmap overlays.
 
 :func:`render_report` is pure (dicts and arrays in, a string out). Plots are drawn with matplotlib's Agg
 canvas directly (``FigureCanvasAgg``, no pyplot, so no global backend state is touched or needed).
-:func:`select_examples` and :func:`build_examples` pick the worst images and compute anomaly maps for
-those few only.
+:class:`ExampleCollector` watches the maps of an evaluation as they are computed (no second inference),
+keeps those of the worst images only, and draws them exactly as ``OUT/overlays/`` does, with the same
+colour range.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .overlays import heatmap_overlay, overlay_range, thumbnail, to_png_bytes
+from ..evaluation.metrics import one_against_good, roc_curve
+from .overlays import RunRange, colorize, render_overlay, thumbnail, to_png_bytes
 
 GOOD_COLOR = "#1f77b4"
 DEFECT_COLOR = "#d62728"
@@ -79,19 +81,15 @@ def _style(axes, title: str, xlabel: str, ylabel: str) -> None:
 
 def roc_plot(rows: Sequence[dict], metrics: dict) -> bytes | None:
     """Image-level ROC: all defect types against good, and one thinner curve per defect type."""
-    from .metrics import roc_curve
-
     labels = np.array([int(r["label"]) for r in rows])
     scores = np.array([float(r["score"]) for r in rows])
     if labels.size == 0 or labels.min() == labels.max():
         return None
     figure = _figure()
     axes = figure.add_subplot()
-    types = sorted({r["defect_type"] for r in rows if int(r["label"]) == 1})
-    if len(types) > 1:
-        good = labels == 0
-        for i, defect_type in enumerate(types):
-            chosen = good | np.array([r["defect_type"] == defect_type for r in rows])
+    by_type = one_against_good([r["defect_type"] for r in rows])
+    if len(by_type) > 1:
+        for i, (defect_type, chosen) in enumerate(by_type.items()):
             fpr, tpr, _ = roc_curve(labels[chosen], scores[chosen])
             auc = metrics.get("image_auroc_by_type", {}).get(defect_type)
             label = f"{defect_type}" + (f" (AUROC {auc:.3f})" if auc is not None else "")
@@ -164,45 +162,44 @@ def histogram_plot(rows: Sequence[dict], threshold: float | None) -> bytes | Non
 
 
 # ----------------------------------------------------------------------------- examples
-def select_examples(rows: Sequence[dict], n: int = 6) -> tuple[list[dict], list[dict]]:
-    """The worst false positives (highest-scoring good images) and false negatives (lowest-scoring
-    defective images), n of each, worst first."""
-    good = sorted((r for r in rows if int(r["label"]) == 0), key=lambda r: -float(r["score"]))
-    bad = sorted((r for r in rows if int(r["label"]) == 1), key=lambda r: float(r["score"]))
-    return good[:n], bad[:n]
+class ExampleCollector:
+    """Keeps, while an evaluation runs, the maps of the ``n`` worst false positives (highest-scoring good
+    images) and false negatives (lowest-scoring defective images), and the run's map range.
 
-
-def build_examples(model, rows: Sequence[dict], n: int = 6, max_side: int = THUMBNAIL_SIDE) -> list[dict]:
-    """Rows of the worst examples with ``image`` and ``overlay`` thumbnails (uint8 arrays).
-
-    Anomaly maps are computed here for these 2n images only. The colour range is the run's fixed one
-    (:func:`patchcore.overlays.overlay_range`); without thresholds, the smallest to the largest map value
-    among these images.
+    Use :meth:`add` as ``evaluate(..., on_map=collector.add)``; then :meth:`examples` draws them. Ties keep
+    the earlier image.
     """
-    from .images import load_image, map_to_original
 
-    false_positives, false_negatives = select_examples(rows, n)
-    chosen = [("false positive", r) for r in false_positives] + [("false negative", r) for r in false_negatives]
-    if not chosen:
-        return []
-    thresholds = getattr(model, "thresholds_", None) or {}
-    pixel_threshold = thresholds.get("pixel")
-    paths = [r["path"] for _, r in chosen]
-    results = list(model.predict_with_input_maps(paths))
-    vrange = overlay_range(pixel_threshold, thresholds.get("image"),
-                           max(float(a.max()) for _, a, _ in results), min(float(a.min()) for _, a, _ in results))
-    examples = []
-    for (kind, row), (_, amap, geometry) in zip(chosen, results):
-        image = load_image(row["path"])
-        full = map_to_original(amap, geometry)
-        overlay = heatmap_overlay(image, full, vmin=vrange[0], vmax=vrange[1], threshold=pixel_threshold)
-        examples.append({
-            **row, "kind": kind,
-            "image": thumbnail(np.round(image * 255).astype(np.uint8), max_side),
-            "overlay": thumbnail(overlay, max_side),
-            "vmin": vrange[0], "vmax": vrange[1],
-        })
-    return examples
+    def __init__(self, thresholds: Any = None, n: int = 6) -> None:
+        self.n = n
+        self.range = RunRange(thresholds)
+        self.kept: dict[int, tuple[Any, float, np.ndarray, Any]] = {}
+
+    def add(self, index: int, sample: Any, score: float, amap: np.ndarray, geometry: Any) -> None:
+        self.range.see(amap)
+        self.kept[index] = (sample, float(score), np.asarray(amap, dtype=np.float16), geometry)
+        same = [i for i, (s, _, _, _) in self.kept.items() if s.label == sample.label]
+        if len(same) > self.n:  # drop the least bad of this kind (on ties, the later image)
+            sign = -1.0 if sample.label == 0 else 1.0
+            del self.kept[max(same, key=lambda i: (sign * self.kept[i][1], i))]
+
+    def examples(self, rows: Sequence[dict], max_side: int = THUMBNAIL_SIDE) -> list[dict]:
+        """The kept images as rows with ``kind``, ``image`` and ``overlay`` thumbnails (uint8 arrays),
+        worst first; ``rows`` are the evaluation's rows (one per test image, in order)."""
+        vmin, vmax = self.range.range()
+        chosen = sorted(self.kept, key=lambda i: (-self.kept[i][1] if self.kept[i][0].label == 0 else self.kept[i][1], i))
+        examples = []
+        for kind, label in (("false positive", 0), ("false negative", 1)):
+            for i in (i for i in chosen if self.kept[i][0].label == label):
+                sample, _, amap, geometry = self.kept[i]
+                pixels, _, overlay = render_overlay(sample.path, amap, geometry, (vmin, vmax), self.range.pixel_threshold)
+                examples.append({
+                    **rows[i], "kind": kind,
+                    "image": thumbnail(np.round(pixels * 255).astype(np.uint8), max_side),
+                    "overlay": thumbnail(overlay, max_side),
+                    "vmin": vmin, "vmax": vmax,
+                })
+        return examples
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -317,8 +314,6 @@ def _examples_section(title: str, explanation: str, examples: list[dict]) -> str
 
 
 def _colorbar(vmin: float, vmax: float) -> str:
-    from .overlays import colorize
-
     ramp = np.repeat(colorize(np.linspace(vmin, vmax, 320)[None, :], vmin, vmax), 14, axis=0)
     png = to_png_bytes(np.round(ramp * 255).astype(np.uint8))
     return (f'<span class="legend">{_fmt(vmin)}</span> {_img(png, "colour scale", "colorbar")} '

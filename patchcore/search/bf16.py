@@ -56,7 +56,7 @@ import platform
 
 import torch
 
-from .search import knn, squared_norms
+from ..core.knn import knn, squared_norms
 
 U_BF16 = 2.0**-8
 U_FP32 = 2.0**-24

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .serialization import atomic_write
+from ..imaging import Geometry, TiledGeometry, load_image, map_to_original
+from ..persistence import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +159,41 @@ def thumbnail(array: np.ndarray, max_side: int = 256) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 array as a PNG atomically (a reader never sees half a file)."""
-    data = to_png_bytes(array)
+    write_bytes(path, to_png_bytes(array))
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
 
-    atomic_write(Path(path), write)
+def render_overlay(
+    image: Any, input_map: np.ndarray, geometry: Geometry | TiledGeometry, vrange: tuple[float, float], threshold: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image (path or array) and its map at input resolution -> (image (H, W, 3) float, map on the
+    original image (H, W), heatmap overlay (H, W, 3) uint8), the one drawing of every overlay and report."""
+    pixels = load_image(image)
+    full = map_to_original(np.asarray(input_map, dtype=np.float32), geometry)
+    overlay = heatmap_overlay(pixels, full, vmin=vrange[0], vmax=vrange[1], threshold=threshold)
+    return pixels, full, overlay
+
+
+class RunRange:
+    """The smallest and largest map value seen over a run, and the run's fixed colour range from them."""
+
+    def __init__(self, thresholds: Any = None) -> None:
+        self.pixel_threshold = getattr(thresholds, "pixel", None)
+        self.image_threshold = getattr(thresholds, "image", None)
+        self.low = np.inf
+        self.high = -np.inf
+
+    def see(self, amap: np.ndarray) -> None:
+        self.low = min(self.low, float(np.min(amap)))
+        self.high = max(self.high, float(np.max(amap)))
+
+    @property
+    def fixed(self) -> tuple[float, float] | None:
+        """The range known before any map: from the thresholds (None without thresholds)."""
+        return overlay_range(self.pixel_threshold, self.image_threshold)
+
+    def range(self) -> tuple[float, float]:
+        """The run's range: from the thresholds, else the smallest to the largest value seen."""
+        return self.fixed or overlay_range(None, None, self.high, self.low) or (0.0, 1.0)
 
 
 class OverlayWriter:
@@ -177,11 +206,10 @@ class OverlayWriter:
     Masks need the pixel threshold; without one they are skipped with one warning.
     """
 
-    def __init__(self, out: str | os.PathLike, thresholds: dict | None) -> None:
-        thresholds = thresholds or {}
+    def __init__(self, out: str | os.PathLike, thresholds: Any) -> None:
         self.out = Path(out)
-        self.pixel_threshold = thresholds.get("pixel")
-        self.range = overlay_range(self.pixel_threshold, thresholds.get("image"))
+        self.range = RunRange(thresholds)
+        self.pixel_threshold = self.range.pixel_threshold
         self.pending: list[tuple[Any, Path, np.ndarray, Any]] = []
         self.written = 0
         if self.pixel_threshold is None:
@@ -194,31 +222,23 @@ class OverlayWriter:
         """``image``: a path or (H, W, 3) array; ``relative``: the picture's name under overlays/ and masks/;
         ``path``: the image's file, kept instead of its pixels when the writing has to wait for the run's end."""
         relative = Path(relative).with_suffix(".png")
-        if self.range is None:
+        self.range.see(amap)
+        if self.range.fixed is None:
             source = path if path is not None else image
             if not isinstance(source, (str, os.PathLike)):
                 source = np.asarray(source)
             self.pending.append((source, relative, np.asarray(amap, dtype=np.float16), geometry))
             return
-        self._write(image, relative, np.asarray(amap, dtype=np.float32), geometry, self.range)
+        self._write(image, relative, amap, geometry)
 
     def finish(self) -> None:
-        if not self.pending:
-            return
-        run_max = max(float(np.max(amap)) for _, _, amap, _ in self.pending)
-        run_min = min(float(np.min(amap)) for _, _, amap, _ in self.pending)
-        vrange = overlay_range(None, None, run_max, run_min)
         for image, relative, amap, geometry in self.pending:
-            self._write(image, relative, amap.astype(np.float32), geometry, vrange)
+            self._write(image, relative, amap, geometry)
         self.pending.clear()
 
-    def _write(self, image: Any, relative: Path, amap: np.ndarray, geometry: Any, vrange: tuple[float, float]) -> None:
-        from .images import load_image, map_to_original
-
-        pixels = load_image(image)
-        full = map_to_original(amap, geometry)
-        vmin, vmax = vrange
-        save_png(self.out / "overlays" / relative, heatmap_overlay(pixels, full, vmin=vmin, vmax=vmax, threshold=self.pixel_threshold))
+    def _write(self, image: Any, relative: Path, amap: np.ndarray, geometry: Any) -> None:
+        _, full, overlay = render_overlay(image, amap, geometry, self.range.range(), self.pixel_threshold)
+        save_png(self.out / "overlays" / relative, overlay)
         if self.pixel_threshold is not None:
             save_png(self.out / "masks" / relative, binary_mask(full, self.pixel_threshold))
         self.written += 1

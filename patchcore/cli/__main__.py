@@ -1,0 +1,7 @@
+"""``python -m patchcore.cli``: the same as the ``patchcore`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

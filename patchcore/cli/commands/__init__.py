@@ -1,0 +1,10 @@
+"""One module per command: ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> exit code``.
+
+:data:`COMMANDS` is the one place to register a new command.
+"""
+
+from . import calibrate, evaluate, fit, info, predict
+
+COMMANDS = (fit, predict, evaluate, calibrate, info)
+
+EXIT_ERROR = 1

@@ -1,0 +1,160 @@
+"""What several commands share: the model-setting flags (one per :class:`PatchCoreConfig` field), config
+files, runtime flags, data arguments, and building or loading a detector from them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from ..config import CORESET_METHODS, NORMALIZATIONS, PatchCoreConfig
+from ..core.scoring_modes import SCORING_MODES
+from ..datasets import Dataset
+from ..detectors import Detector, PatchCore, PatchCoreEnsemble, load
+from ..errors import PatchCoreError
+from ..search import SEARCH_BACKENDS
+
+CHOICES = {"scoring": SCORING_MODES, "coreset_method": CORESET_METHODS, "normalization": NORMALIZATIONS}
+RESULT_KEYS = ("path", "score", "threshold", "is_anomalous", "normalized_score")
+OVERLAY_HELP = (
+    "heatmap overlay at the image's original size, colours fixed for the whole run (0.75 to 1.25 x the pixel "
+    "threshold; without thresholds the run's smallest to largest map value), white outline where the map reaches "
+    "the pixel threshold; "
+    "and OUT/masks/<same name>.png, the binary mask at the model's pixel threshold (skipped with one warning "
+    "when the model has none: fit with --threshold-fpr or --pixel-threshold)"
+)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "") else int(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per PatchCoreConfig field; absent flags leave no attribute, so only given flags override."""
+    group = parser.add_argument_group("model settings (saved in the model file)")
+    group.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (keys as the flags below); flags win")
+    hints = typing.get_type_hints(PatchCoreConfig)
+    for field in dataclasses.fields(PatchCoreConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = str(hints[field.name])
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"default: {field.default}"}
+        if field.name == "layers":
+            kwargs.update(nargs="+", metavar="LAYER", help="feature layers, finest first (default: the backbone's)")
+        elif field.name == "backbone":
+            kwargs.update(nargs="+", metavar="NAME", help="backbone; several names fit an ensemble, one bank each (default: efficientnet_lite0)")
+        elif field.name == "image_top_k":
+            kwargs.update(type=_optional_int, metavar="N", help="image score = mean of the N largest patch scores "
+                          "(default: the scoring mode's own, 20 for mean-top-k, 1 for paper and official)")
+        elif field.name in CHOICES:
+            kwargs.update(choices=CHOICES[field.name])
+        elif hints[field.name] is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif "None" in hint and "int" in hint:
+            kwargs.update(type=_optional_int, metavar="N|none")
+        elif "int" in hint:
+            kwargs.update(type=int)
+        elif "float" in hint:
+            kwargs.update(type=float)
+        group.add_argument(flag, **kwargs)
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(PatchCoreConfig) if hasattr(args, f.name)}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Settings from a YAML or JSON file whose keys are PatchCoreConfig fields (or their flag spellings)."""
+    file = Path(path)
+    if not file.is_file():
+        raise PatchCoreError(f"{file}: no such config file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise PatchCoreError(f"{file}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PatchCoreError(f"{file}: expected a mapping of settings, e.g. 'coreset_ratio: 0.1'")
+    settings = {str(key).lstrip("-").replace("-", "_"): value for key, value in data.items()}
+    if isinstance(settings.get("layers"), str):
+        settings["layers"] = settings["layers"].split()
+    return settings
+
+
+def configs_from_args(args: argparse.Namespace) -> list[PatchCoreConfig]:
+    """Defaults, then the --config file, then the flags given on the command line; one config per backbone."""
+    settings = {**(read_config_file(args.config) if getattr(args, "config", None) else {}), **given_settings(args)}
+    backbones = settings.pop("backbone", None) or [PatchCoreConfig.backbone]
+    backbones = [backbones] if isinstance(backbones, str) else list(backbones)
+    if len(backbones) > 1 and settings.get("layers"):
+        raise PatchCoreError("--layers cannot apply to several backbones: drop it to use each backbone's defaults")
+    return [PatchCoreConfig.from_dict({**settings, "backbone": name}) for name in backbones]
+
+
+def make_detector(args: argparse.Namespace) -> Detector:
+    """A PatchCore model, or an ensemble when several backbones are named (with the first config's
+    calibration, seed and threshold settings)."""
+    configs = configs_from_args(args)
+    if len(configs) == 1:
+        return PatchCore(configs[0], **runtime_from_args(args))
+    first = configs[0]
+    return PatchCoreEnsemble(
+        configs, calibration_share=first.calibration_share, seed=first.seed, threshold_fpr=first.threshold_fpr,
+        threshold=first.threshold, pixel_threshold=first.pixel_threshold, **runtime_from_args(args),
+    )
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime (never changes results)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    group.add_argument("--batch-size", type=int, default=None, help="images processed together (default: 32; on a CPU the backbone runs them in slices of ~200k pixels)")
+    group.add_argument(
+        "--search", choices=SEARCH_BACKENDS, default="exact",
+        help="nearest-neighbour backend (default: exact, through a bf16 shortlist where the CPU has native bf16; "
+        "exact-fp32: plain fp32 GEMM; faiss-* need pip install 'patchcore[faiss]'; ivf/hnsw are approximate)",
+    )
+
+
+def runtime_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(device=args.device, batch_size=args.batch_size, search=args.search, progress=True)
+
+
+def load_detector(path: str, args: argparse.Namespace) -> Detector:
+    """The detector in a model file, with the runtime flags."""
+    return load(path, **runtime_from_args(args))
+
+
+def refuse_model_settings(args: argparse.Namespace, why: str) -> None:
+    """Commands that take a fitted model keep its settings: refuse model-setting flags with ``why``."""
+    if given_settings(args) or getattr(args, "config", None):
+        raise PatchCoreError(f"{why}: drop the model settings flags")
+
+
+def add_folder_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("plain folders (instead of DATA)")
+    group.add_argument("--good", metavar="DIR", help="good images; with --defective a seeded 20%% are held out for testing")
+    group.add_argument("--defective", metavar="DIR", help="defective images (sub-folders become defect types)")
+    group.add_argument("--masks", metavar="DIR", help="masks named like the defective images (<name>.png or <name>_mask.png)")
+
+
+def dataset_from_args(args: argparse.Namespace) -> Dataset:
+    from ..datasets import folders, open_dataset
+
+    if args.good:
+        if args.data:
+            raise PatchCoreError("give either DATA or --good DIR, not both")
+        return folders(args.good, args.defective, args.masks, seed=getattr(args, "seed", 0))
+    if args.defective or args.masks:
+        raise PatchCoreError("--defective and --masks need --good DIR")
+    if not args.data:
+        raise PatchCoreError("name the data: DATA (a folder or 'textile') or --good DIR")
+    return open_dataset(args.data)

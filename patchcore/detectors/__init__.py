@@ -1,0 +1,32 @@
+"""Detectors: the written contract (``base.Detector``) and the detectors that satisfy it.
+
+:func:`load` opens any model file as the detector it holds; :data:`KINDS` maps each model-file kind to
+its class (the one place to register a new detector).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import PatchCoreError
+from ..persistence import read_state
+from .base import Detector, Inference, Prediction, Thresholds
+from .ensemble import PatchCoreEnsemble
+from .patchcore import PatchCore
+
+KINDS: dict[str, type[Detector]] = {cls.kind: cls for cls in (PatchCore, PatchCoreEnsemble)}
+
+
+def load(path: str | os.PathLike, **runtime: Any) -> Detector:
+    """The detector in a model file, whichever kind it is (a PatchCore model or an ensemble).
+
+    ``runtime``: device, batch_size, search, progress (and ``weights`` for a single model).
+    """
+    state = read_state(path)
+    if state.kind not in KINDS:
+        raise PatchCoreError(f"{path}: a {state.kind} file, which this version cannot load")
+    return KINDS[state.kind].from_state(state, source=path, **runtime)
+
+
+__all__ = ["Detector", "Inference", "KINDS", "PatchCore", "PatchCoreEnsemble", "Prediction", "Thresholds", "load"]

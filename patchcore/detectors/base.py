@@ -1,0 +1,251 @@
+"""The detector contract: what every detector (a PatchCore model, an ensemble) offers, and all that the
+command line, evaluation, reports, the service, exports and the distributed engine may use of one.
+
+A detector follows scikit-learn's estimator contract: ``__init__`` only stores settings
+(``get_params``/``set_params``, so ``sklearn.base.clone`` works), ``fit`` returns self, learned state
+ends in ``_``, and using an unfitted detector raises :class:`~patchcore.errors.NotFittedError`.
+
+A subclass implements :meth:`~Detector.fit`, :meth:`~Detector.partial_fit`, :meth:`~Detector.infer`,
+:meth:`~Detector.get_state`, :meth:`~Detector.from_state`, :meth:`~Detector.describe` and
+:attr:`~Detector.memory_bank_size`; scoring, maps, predictions, thresholds and files are shared here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+import numpy as np
+
+from ..core.thresholds import f1_threshold, fpr_threshold, logistic_scores, normalized_scores
+from ..errors import NotFittedError, PatchCoreError
+from ..imaging import Geometry, ImageLike, TiledGeometry, map_to_original
+from ..persistence import DetectorState, read_state, write_state
+
+logger = logging.getLogger(__name__)
+
+D = TypeVar("D", bound="Detector")
+
+
+class Inference(NamedTuple):
+    """One image's result as a detector computes it: the image score, the anomaly map at the model's input
+    resolution (None when maps were not asked for; with tiles, the stitched map at the scaled image size)
+    and the geometry that maps it back onto the original image (:func:`patchcore.imaging.map_to_original`)."""
+
+    score: float
+    input_map: np.ndarray | None
+    geometry: Geometry | TiledGeometry
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: its score and its anomaly map on the original image, (H, W) float32.
+
+    With a threshold: ``is_anomalous`` (score >= threshold) and ``normalized_score`` (0.5 at the threshold);
+    both None without one.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    threshold: float | None = None
+    is_anomalous: bool | None = None
+    normalized_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds of a detector and how they were set.
+
+    image / pixel: thresholds on image scores and on anomaly-map pixels (None: not set); method: "fpr"
+    (from good images at a target false-positive rate), "f1" (from labelled images) or "manual";
+    fpr, n_calibration: the target rate and the number of images used, where they apply.
+    """
+
+    image: float | None = None
+    pixel: float | None = None
+    method: str | None = None
+    fpr: float | None = None
+    n_calibration: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Thresholds:
+        data = data or {}
+        try:
+            return cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
+        except TypeError as exc:  # pragma: no cover - dataclass fields are all optional
+            raise PatchCoreError(f"invalid thresholds {data!r}") from exc
+
+
+class Detector(ABC):
+    """The contract every detector satisfies; see the module docstring.
+
+    Learned state (after ``fit``, ``from_state`` or ``load``): ``n_train_`` (good images in the bank),
+    ``fit_stats_`` (timings and sizes of the last fit), ``thresholds_`` (:class:`Thresholds`).
+    """
+
+    #: The model-file kind this detector is stored as (see ``patchcore.persistence.model_file.KINDS``).
+    kind: ClassVar[str]
+    #: "distance": scores are non-negative distances (normalised as s / (s + t)); "standardized": scores
+    #: of any sign in standard deviations of good images (normalised by a logistic around t).
+    score_scale: ClassVar[str] = "distance"
+
+    batch_size: int | None
+    thresholds_: Thresholds
+    n_train_: int
+    fit_stats_: dict[str, Any]
+
+    # ------------------------------------------------------------------ what a detector implements
+    @abstractmethod
+    def fit(self: D, images: Sequence[ImageLike]) -> D:
+        """Learn from good images only. Returns self."""
+
+    @abstractmethod
+    def partial_fit(self: D, images: Sequence[ImageLike]) -> D:
+        """Add good images to a fitted detector without revisiting the old ones. Returns self."""
+
+    @abstractmethod
+    def infer(self, images: Sequence[ImageLike], *, maps: bool = True) -> Iterator[Inference]:
+        """One :class:`Inference` per image, lazily, in order, ``batch_size`` images at a time."""
+
+    @abstractmethod
+    def get_state(self) -> DetectorState:
+        """The fitted detector as data (what its model file holds)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls: type[D], state: DetectorState, *, source: str | os.PathLike = "state", **runtime: Any) -> D:
+        """A fitted detector from :meth:`get_state`'s output; ``runtime`` as the constructor's runtime
+        arguments (device, batch_size, search, progress); ``source`` names the state in error messages."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (the config, or the ensemble's members and settings)."""
+
+    @property
+    @abstractmethod
+    def memory_bank_size(self) -> int:
+        """Rows in the memory bank(s)."""
+
+    @abstractmethod
+    def _manual_thresholds(self) -> tuple[float | None, float | None]:
+        """(image, pixel) thresholds given by hand in the settings; calibration keeps them."""
+
+    @abstractmethod
+    def _check_fitted(self) -> None:
+        """Raise :class:`NotFittedError` unless fitted."""
+
+    # ------------------------------------------------------------------ scores and maps
+    def score_samples(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Image anomaly scores, (N,) float64; higher means more anomalous."""
+        return np.array([r.score for r in self.infer(images, maps=False)], dtype=np.float64)
+
+    def anomaly_maps(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Pixel anomaly maps at the model's input resolution, (N, H, W) float32.
+
+        Images whose maps differ in size (keep_aspect without crop, or tiles) raise an error: use
+        :meth:`predict` for one map per image at its original size.
+        """
+        maps = [r.input_map for r in self.infer(images, maps=True)]
+        if len({m.shape for m in maps}) > 1:
+            raise PatchCoreError(
+                "these images give anomaly maps of different sizes (keep_aspect without crop, or tile_size): "
+                "use predict() for one map per image at its original size"
+            )
+        return np.stack(maps) if maps else np.empty((0, 0, 0), np.float32)
+
+    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
+        """Per image: score, anomaly map on the original image, and the decision when a threshold is set."""
+        return [
+            Prediction(r.score, map_to_original(r.input_map, r.geometry), **self.decide(r.score))
+            for r in self.infer(images, maps=True)
+        ]
+
+    # ------------------------------------------------------------------ thresholds
+    @property
+    def threshold_(self) -> float | None:
+        """The image threshold (None when the detector has none)."""
+        self._check_fitted()
+        return self.thresholds_.image
+
+    def decide(self, score: float) -> dict[str, Any]:
+        """threshold, is_anomalous and normalized_score of one raw score (all None without a threshold)."""
+        threshold = self.threshold_
+        if threshold is None:
+            return {"threshold": None, "is_anomalous": None, "normalized_score": None}
+        normalize = normalized_scores if self.score_scale == "distance" else logistic_scores
+        return {
+            "threshold": threshold,
+            "is_anomalous": bool(score >= threshold),
+            "normalized_score": float(normalize(np.array([score]), threshold)[0]),
+        }
+
+    def calibrate(self: D, good_images: Sequence[ImageLike], fpr: float) -> D:
+        """Set the image and pixel thresholds from good images that are not in the bank. Returns self.
+
+        The image threshold flags a fraction ``fpr`` of these images; the pixel threshold a fraction
+        ``fpr`` of their anomaly-map pixels (thresholds given by hand in the settings are kept).
+        """
+        self._check_fitted()
+        scores, pixels = [], []
+        for result in self.infer(list(good_images), maps=True):
+            scores.append(result.score)
+            pixels.append(np.asarray(result.input_map).ravel())
+        image, pixel = self._manual_thresholds()
+        self.thresholds_ = Thresholds(
+            image=image if image is not None else fpr_threshold(np.array(scores), fpr),
+            pixel=pixel if pixel is not None else fpr_threshold(np.concatenate(pixels), fpr),
+            method="manual" if image is not None else "fpr",
+            fpr=fpr,
+            n_calibration=len(scores),
+        )
+        return self
+
+    def calibrate_f1(self: D, good_images: Sequence[ImageLike], defective_images: Sequence[ImageLike]) -> D:
+        """Set the image threshold that maximises F1 on labelled images (none of them in the bank). Returns self.
+
+        The pixel threshold is left as it is (it needs pixel labels; :meth:`calibrate` sets one from good images).
+        """
+        good, defective = list(good_images), list(defective_images)
+        scores = self.score_samples(good + defective)
+        labels = np.r_[np.zeros(len(good)), np.ones(len(defective))]
+        self.thresholds_ = Thresholds(
+            image=f1_threshold(labels, scores), pixel=self.thresholds_.pixel, method="f1", n_calibration=len(scores)
+        )
+        return self
+
+    def set_threshold(self: D, image: float | None, pixel: float | None = None) -> D:
+        """Thresholds by hand. Returns self. Distances need positive thresholds; any finite value otherwise."""
+        for name, value in (("threshold", image), ("pixel threshold", pixel)):
+            if value is None:
+                continue
+            if not np.isfinite(value) or (self.score_scale == "distance" and not value > 0):
+                raise PatchCoreError(f"{name} {value} must be a positive number (scores are distances)"
+                                     if self.score_scale == "distance" else f"{name} {value} must be a finite number")
+        self._check_fitted()
+        self.thresholds_ = Thresholds(image=image, pixel=pixel, method="manual")
+        return self
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted detector atomically as one model file (see :mod:`patchcore.persistence`)."""
+        self._check_fitted()
+        write_state(path, self.get_state())
+
+    @classmethod
+    def load(cls: type[D], path: str | os.PathLike, **runtime: Any) -> D:
+        """Read a model file written by :meth:`save`, refusing edited, truncated or foreign files."""
+        state = read_state(path)
+        if state.kind != cls.kind:
+            raise PatchCoreError(f"{path}: holds a {state.kind}, not a {cls.kind}: load it with patchcore.load(path)")
+        return cls.from_state(state, source=path, **runtime)
+
+
+def not_fitted(name: str) -> NotFittedError:
+    return NotFittedError(f"this {name} is not fitted yet: call fit(images) or {name}.load(path)")

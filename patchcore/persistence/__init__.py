@@ -1,0 +1,10 @@
+"""Persistence: detector states to model files and back (``model_file``), and atomic writes (``atomic``).
+
+This layer knows the file format and its versions, never a detector class: detectors hand it a
+:class:`~patchcore.persistence.model_file.DetectorState` and get one back.
+"""
+
+from .atomic import atomic_write, write_bytes
+from .model_file import FORMAT_VERSION, DetectorState, read_header, read_state, write_state
+
+__all__ = ["FORMAT_VERSION", "DetectorState", "atomic_write", "read_header", "read_state", "write_bytes", "write_state"]

@@ -1,0 +1,173 @@
+"""Model files: a detector's state as one safetensors file. No pickle.
+
+Tensors are stored as safetensors; everything else (settings, provenance, training facts, thresholds) is a
+JSON document in the file's header, beside the format name and version, the package version, the time
+of writing, the list of tensors and a SHA-256 over the JSON and every tensor's bytes, so an edited or
+truncated file is refused instead of silently scoring wrong. One file, written atomically (temporary file
+in the same folder, fsync, rename): a model is never half-written.
+
+This module knows the format and its versions, not the detectors: it turns a :class:`DetectorState`
+into a file and back. To add a format version, raise :data:`FORMAT_VERSION` and add the step from the
+previous version to :data:`MIGRATIONS`; files of every older version keep loading through the chain.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import PatchCoreError
+from .atomic import atomic_write
+
+SINGLE_KIND = "patchcore-model"
+ENSEMBLE_KIND = "patchcore-ensemble"
+KINDS = (SINGLE_KIND, ENSEMBLE_KIND)
+FORMAT_VERSION = 2
+METADATA_KEY = "patchcore"
+ENVELOPE = ("format", "format_version", "package_version", "created", "tensors", "checksum")
+
+
+@dataclass(frozen=True)
+class DetectorState:
+    """Everything a fitted detector is, as data: ``kind`` (the file's format name), ``meta`` (a JSON-able
+    dict: settings, training facts, thresholds) and ``tensors`` (name -> numpy array).
+
+    ``provenance`` is filled when a state is read from a file (format and package version, time of
+    writing); it is ignored when one is written.
+    """
+
+    kind: str
+    meta: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- versions
+def _v1_to_v2(kind: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 named the mean of the top-k patch scores "paper" whenever image_top_k > 1; version 2 calls
+    that "mean-top-k" and keeps "paper" for the paper's max. "official" kept its top-k as stored."""
+    configs = [meta["config"]] if kind == SINGLE_KIND else [member["config"] for member in meta["members"]]
+    for config in configs:
+        if config.get("scoring") == "paper" and config.get("image_top_k", 1) != 1:
+            config["scoring"] = "mean-top-k"
+    return meta
+
+
+# version N -> the step that turns a version-N document into version N + 1
+MIGRATIONS: dict[int, Callable[[str, dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def migrate(kind: str, meta: dict[str, Any], version: int) -> dict[str, Any]:
+    """A ``version`` document brought to :data:`FORMAT_VERSION`, one step at a time."""
+    meta = json.loads(json.dumps(meta))  # a deep copy: the caller's header stays as read
+    for step in range(version, FORMAT_VERSION):
+        meta = MIGRATIONS[step](kind, meta)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- checksum
+def checksum(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the canonical JSON header (without its checksum) and each tensor's name, dtype, shape
+    and bytes (dtype spelled as torch does, ``torch.float32``, as in every file written so far)."""
+    digest = hashlib.sha256()
+    body = {k: v for k, v in header.items() if k != "checksum"}
+    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}:torch.{array.dtype.name}:{tuple(array.shape)}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_state(path: str | os.PathLike, state: DetectorState) -> None:
+    """Write ``state`` to ``path`` atomically, as the current format version."""
+    from safetensors.numpy import save_file
+
+    if state.kind not in KINDS:
+        raise ValueError(f"unknown detector kind {state.kind!r}: expected one of {', '.join(KINDS)}")
+    clash = sorted(set(state.meta) & set(ENVELOPE))
+    if clash:
+        raise ValueError(f"state meta must not use the envelope keys {', '.join(clash)}")
+    tensors = {name: np.ascontiguousarray(array) for name, array in state.tensors.items()}
+    header = {
+        "format": state.kind,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **state.meta,
+        "tensors": {name: {"shape": list(a.shape), "dtype": a.dtype.name} for name, a in tensors.items()},
+    }
+    header["checksum"] = checksum(header, tensors)
+    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a model file as stored, after checking that it is one (tensors are not read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PatchCoreError(f"{path}: no such model file; create one with 'patchcore fit DATA -o {path}'")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:
+        raise PatchCoreError(f"{path}: not a readable PatchCore model file ({exc}); refit or restore it") from exc
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise PatchCoreError(f"{path}: a safetensors file, but not a PatchCore model (no valid header)") from exc
+    if not isinstance(header, dict) or header.get("format") not in KINDS:
+        raise PatchCoreError(f"{path}: not a PatchCore model file (format {header.get('format') if isinstance(header, dict) else None!r})")
+    version = header.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise PatchCoreError(
+            f"{path}: model format version {version} is not supported by patchcore {__version__} "
+            f"(it reads versions 1 to {FORMAT_VERSION}); use the patchcore version that wrote it, or refit"
+        )
+    return header
+
+
+def read_tensors(path: str | os.PathLike, header: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The tensors of a model file, checked against the header's list and the checksum."""
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise PatchCoreError(f"{path}: the tensors cannot be read ({exc}); the file is damaged: refit or restore it") from exc
+    expected = header.get("tensors")
+    if not isinstance(expected, dict):
+        raise PatchCoreError(f"{path}: the header lists no tensors; the file was altered: refit or restore it")
+    for name, spec in expected.items():
+        if name not in tensors:
+            raise PatchCoreError(f"{path}: tensor {name!r} is missing; the file is damaged: refit or restore it")
+        if not isinstance(spec, dict) or list(tensors[name].shape) != spec.get("shape"):
+            raise PatchCoreError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, not what the header says")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise PatchCoreError(f"{path}: unexpected tensor(s) {', '.join(extra)}; the file was altered: refit or restore it")
+    if checksum(header, tensors) != header.get("checksum"):
+        raise PatchCoreError(f"{path}: checksum mismatch, the file was edited or damaged: refit or restore it")
+    return tensors
+
+
+def read_state(path: str | os.PathLike) -> DetectorState:
+    """The verified state in a model file, migrated to the current format version."""
+    header = read_header(path)
+    tensors = read_tensors(path, header)
+    meta = {k: v for k, v in header.items() if k not in ENVELOPE}
+    provenance = {k: header.get(k) for k in ("format_version", "package_version", "created")}
+    return DetectorState(header["format"], migrate(header["format"], meta, header["format_version"]), tensors, provenance)
