@@ -59,8 +59,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    peaks = {(size, mode): child_peak(args.backbone, size, mode == "sliced", args.threads)
-             for size in sizes for mode in ("whole", "sliced")}
+    peaks = {
+        (size, mode): child_peak(args.backbone, size, mode == "sliced", args.threads)
+        for size in sizes
+        for mode in ("whole", "sliced")
+    }
     backbone = create_backbone(args.backbone)
     sliced_pixels = backbones.CPU_PIXELS_PER_SLICE
     for size in sizes:

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patchcore.core.coreset import coreset_size, greedy_coreset, greedy_coreset_reference  # noqa: E402
+from patchcore.core.coreset import coreset_size, greedy_coreset, greedy_coreset_reference
 
 
 def make_features(n: int, dim: int, kind: str, seed: int = 0) -> np.ndarray:

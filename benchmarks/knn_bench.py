@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patchcore.search import ExactIndex  # noqa: E402
-from patchcore.search.bf16 import FilteredExactIndex, cpu_has_native_bf16  # noqa: E402
+from patchcore.search import ExactIndex
+from patchcore.search.bf16 import FilteredExactIndex, cpu_has_native_bf16
 
 DEFAULT_BANK = Path("/work/exp/bank_lite0_224_b2b4.npy")
 SHAPES = {  # name: (queries per image, dims, bank rows)

@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patchcore.core.knn import knn, squared_norms  # noqa: E402
-from patchcore.search.faiss_index import FaissIndex  # noqa: E402
+from patchcore.core.knn import knn, squared_norms
+from patchcore.search.faiss_index import FaissIndex
 
 DEFAULT_BANK = Path("/work/exp/bank_lite0_224_b2b4.npy")
 PATCHES_PER_IMAGE = 28 * 28
@@ -155,7 +155,7 @@ def main() -> None:
         elif kind == "hnsw":
             index.ef_search = index.index.hnsw.efSearch = options["ef_search"]
         for b in batches:
-            t, result = median_time(lambda b=b: index.search(queries[:b], 1), args.repeats)
+            t, result = median_time(lambda b=b, index=index: index.search(queries[:b], 1), args.repeats)
             print(f"faiss_{name}_q{b}_seconds: {t:.4f}")
             print(f"faiss_{name}_q{b}_speedup_vs_exact: {exact_seconds[b] / t:.2f}")
         for key, value in drift(*result, ref_d, ref_i).items():

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from patchcore.core.coreset import StreamingCoreset, coreset_size, greedy_coreset, random_coreset  # noqa: E402
+from patchcore.core.coreset import StreamingCoreset, coreset_size, greedy_coreset, random_coreset
 
 DEFAULT_BANK = "/work/exp/bank_lite0_224_b2b4.npy"
 
@@ -119,10 +119,8 @@ def main() -> None:
     for f in args.fractions:
         max_rows = n // f
 
-        def run_stream() -> StreamingCoreset:
-            sc = StreamingCoreset(
-                dim, max_rows, projection_dim=args.projection_dim, seed=args.seed, shrink=args.shrink
-            )
+        def run_stream(max_rows: int = max_rows) -> StreamingCoreset:
+            sc = StreamingCoreset(dim, max_rows, projection_dim=args.projection_dim, seed=args.seed, shrink=args.shrink)
             for a in range(0, n, args.batch):
                 sc.add(x[a : a + args.batch])
             return sc

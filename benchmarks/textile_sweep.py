@@ -17,11 +17,11 @@ import torch
 
 from patchcore.backbones import create_backbone
 from patchcore.core.coreset import greedy_coreset
-from patchcore.datasets import textile
 from patchcore.core.features import patch_features
-from patchcore.imaging import load_image, preprocess
-from patchcore.evaluation.metrics import auroc
 from patchcore.core.knn import knn
+from patchcore.datasets import textile
+from patchcore.evaluation.metrics import auroc
+from patchcore.imaging import load_image, preprocess
 
 
 def main() -> None:
@@ -64,9 +64,13 @@ def main() -> None:
         aggregations["mean"] = patch.mean(1)
         for agg, scores in aggregations.items():
             s = scores.numpy()
-            figures = [auroc(labels, s)] + [auroc(labels[good | (types == t)], s[good | (types == t)]) for t in ("local", "global")]
-            print(f"{args.backbone} {args.resize}px {name} ratio={args.ratio} {agg}: "
-                  f"all={figures[0]:.3f} local={figures[1]:.3f} global={figures[2]:.3f}")
+            figures = [auroc(labels, s)] + [
+                auroc(labels[good | (types == t)], s[good | (types == t)]) for t in ("local", "global")
+            ]
+            print(
+                f"{args.backbone} {args.resize}px {name} ratio={args.ratio} {agg}: "
+                f"all={figures[0]:.3f} local={figures[1]:.3f} global={figures[2]:.3f}"
+            )
 
 
 if __name__ == "__main__":

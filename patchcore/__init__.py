@@ -25,7 +25,19 @@ _EXPORTS = {
     "NotFittedError": "patchcore.errors",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "Detector",
+    "Inference",
+    "NotFittedError",
+    "PatchCore",
+    "PatchCoreConfig",
+    "PatchCoreEnsemble",
+    "PatchCoreError",
+    "Prediction",
+    "Thresholds",
+    "__version__",
+    "load",
+]
 
 if TYPE_CHECKING:
     from .config import PatchCoreConfig

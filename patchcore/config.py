@@ -49,7 +49,8 @@ class PatchCoreConfig:
         the official code: squared L2, patch score = mean over the k nearest, image score = max).
     image_top_k: the image score is the mean of this many largest patch scores (1 = the max). None takes
         the mode's own: 20 for "mean-top-k", 1 for "paper" and "official"; the stored config holds the
-        resolved number.
+        resolved number. "paper" and "official" are exactly the paper and the official code at their own
+        top-k; another value makes them variants (mean of the top k instead of the max).
     sigma: Gaussian smoothing of anomaly maps, in pixels of the model input.
     seed: seeds every random choice (projection, coreset start, random coreset, calibration split).
     threshold_fpr: when set, fit holds out calibration_share of the good training images (they never enter
@@ -101,7 +102,9 @@ class PatchCoreConfig:
         if not 0 <= self.tile_overlap < 1:
             raise PatchCoreError(f"tile_overlap={self.tile_overlap} must lie in [0, 1), e.g. 0.25 for a quarter tile")
         if not 0 < self.tile_scale <= 16:
-            raise PatchCoreError(f"tile_scale={self.tile_scale} must lie in (0, 16], e.g. 0.5 to tile a half-size image")
+            raise PatchCoreError(
+                f"tile_scale={self.tile_scale} must lie in (0, 16], e.g. 0.5 to tile a half-size image"
+            )
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise PatchCoreError(f"patch_size={self.patch_size} must be a positive odd number (paper: 3)")
         if self.target_dim is not None and self.target_dim < 1:
@@ -114,9 +117,9 @@ class PatchCoreConfig:
             raise PatchCoreError("max_bank_memory is in MiB and must be at least 1")
         if self.projection_dim < 1:
             raise PatchCoreError("projection_dim must be at least 1 (paper: 128)")
-        if self.image_top_k is None:
-            object.__setattr__(self, "image_top_k", scoring_rule(self.scoring).default_top_k)
-        if self.num_neighbors < 1 or self.k < 1 or self.image_top_k < 1:
+        top_k = scoring_rule(self.scoring).default_top_k if self.image_top_k is None else self.image_top_k
+        object.__setattr__(self, "image_top_k", top_k)
+        if self.num_neighbors < 1 or self.k < 1 or top_k < 1:
             raise PatchCoreError("num_neighbors, k and image_top_k must be at least 1")
         if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:
             raise PatchCoreError(f"threshold_fpr={self.threshold_fpr} must lie in (0, 1), e.g. 0.05")
@@ -134,6 +137,13 @@ class PatchCoreConfig:
         """Side of the square the backbone sees."""
         return self.crop if self.crop is not None else self.resize
 
+    def replace(self, **changes: Any) -> PatchCoreConfig:
+        """A copy with ``changes`` applied and validated. A new ``scoring`` without an ``image_top_k`` takes the
+        new mode's own top-k (``dataclasses.replace`` would keep the old mode's resolved number)."""
+        if "scoring" in changes and "image_top_k" not in changes:
+            changes["image_top_k"] = None
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if data["layers"] is not None:
@@ -145,7 +155,9 @@ class PatchCoreConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PatchCoreError(f"unknown setting(s) {', '.join(unknown)}: known settings are {', '.join(sorted(known))}")
+            raise PatchCoreError(
+                f"unknown setting(s) {', '.join(unknown)}: known settings are {', '.join(sorted(known))}"
+            )
         return cls(**data)
 
 

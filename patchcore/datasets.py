@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from collections.abc import Callable
 
 from .core.thresholds import split_calibration
 from .errors import PatchCoreError
@@ -53,7 +52,9 @@ def open_dataset(spec: str | os.PathLike) -> Dataset:
         return textile()
     root = Path(spec)
     if not root.exists():
-        raise PatchCoreError(f"{root}: no such folder (DATA is 'textile', an MVTec category folder or a folder of images)")
+        raise PatchCoreError(
+            f"{root}: no such folder (DATA is 'textile', an MVTec category folder or a folder of images)"
+        )
     if not root.is_dir():
         raise PatchCoreError(f"{root}: DATA must be a folder, or 'textile'")
     for recognises, open_layout in LAYOUTS:
@@ -67,7 +68,9 @@ def image_folder(root: str | os.PathLike) -> Dataset:
     root = Path(root)
     images = list_images(root)
     if not images:
-        raise PatchCoreError(f"{root}: no images found (looked for {', '.join(('png', 'jpg', 'bmp', 'tif'))} files, recursively)")
+        raise PatchCoreError(
+            f"{root}: no images found (looked for {', '.join(('png', 'jpg', 'bmp', 'tif'))} files, recursively)"
+        )
     return Dataset(root.name, images)
 
 
@@ -112,7 +115,9 @@ def mvtec(root: str | os.PathLike) -> Dataset:
     if defective and missing_masks and missing_masks < defective:
         logger.warning(
             "%s: %d of %d defective test images have no ground_truth mask; pixel metrics are skipped",
-            root, missing_masks, defective,
+            root,
+            missing_masks,
+            defective,
         )
     return dataset
 
@@ -152,8 +157,13 @@ def visa(category_dir: str | os.PathLike) -> Dataset:
     return Dataset(name, sorted(train), test)
 
 
-def folders(good: str | os.PathLike, defective: str | os.PathLike | None = None,
-            masks: str | os.PathLike | None = None, test_share: float = 0.2, seed: int = 0) -> Dataset:
+def folders(
+    good: str | os.PathLike,
+    defective: str | os.PathLike | None = None,
+    masks: str | os.PathLike | None = None,
+    test_share: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
     """Plain folders: good images (a seeded ``test_share`` of them held out as test images when defective
     images are given), defective images (sub-folders become defect types), and optional masks named like
     the defective images (``<name>.png`` or ``<name>_mask.png``, same relative folder)."""
@@ -201,7 +211,9 @@ def textile() -> Dataset:
     local = list_images(ccd.local_dir())
     global_ = list_images(ccd.global_dir())
     if len(nominal) < 1000 or len(local) < 200 or len(global_) < 200:
-        raise PatchCoreError("the installed conformal-clip-data lacks images: reinstall it (pip install -U conformal-clip-data)")
+        raise PatchCoreError(
+            "the installed conformal-clip-data lacks images: reinstall it (pip install -U conformal-clip-data)"
+        )
     test = [Sample(p, 0, GOOD) for p in nominal[TEXTILE_TEST_GOOD]]
     test += [Sample(p, 1, "local") for p in local[TEXTILE_TEST_DEFECT]]
     test += [Sample(p, 1, "global") for p in global_[TEXTILE_TEST_DEFECT]]

@@ -10,6 +10,8 @@ import pytest
 from patchcore import PatchCore
 from synthetic import SMALL, make_mvtec, texture
 
+collect_ignore = ["golden"]  # model files and the script that wrote them once, not tests
+
 
 @pytest.fixture(scope="session")
 def rng_images() -> list[np.ndarray]:
@@ -20,7 +22,6 @@ def rng_images() -> list[np.ndarray]:
 @pytest.fixture
 def mvtec_dir(tmp_path: Path) -> Path:
     return make_mvtec(tmp_path / "category")
-
 
 
 @pytest.fixture(scope="session")

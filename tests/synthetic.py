@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SMALL = dict(resize=64, crop=56, coreset_ratio=0.25, seed=0)
+SMALL = {"resize": 64, "crop": 56, "coreset_ratio": 0.25, "seed": 0}
 
 
 def texture(rng: np.random.Generator, size: int = 48, defect: bool = False) -> np.ndarray:
@@ -21,8 +21,9 @@ def texture(rng: np.random.Generator, size: int = 48, defect: bool = False) -> n
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-
-def make_mvtec(root: Path, n_train: int = 5, n_good: int = 3, n_bad: int = 3, size: int = 48, masks: bool = True) -> Path:
+def make_mvtec(
+    root: Path, n_train: int = 5, n_good: int = 3, n_bad: int = 3, size: int = 48, masks: bool = True
+) -> Path:
     """A tiny MVTec-layout category: train/good, test/good, test/blob, ground_truth/blob."""
     rng = np.random.default_rng(1)
     for i in range(n_train):

@@ -72,7 +72,9 @@ def test_each_module_imports_only_its_own_component_and_lower_layers(name):
     for target in GRAPH[name]:
         assert target != "patchcore", f"{name} imports the package root: import the module that defines the name"
         if component(target) != component(name):
-            assert RANK[component(target)] < RANK[component(name)], f"{name} (layer {RANK[component(name)]}) imports {target}"
+            assert RANK[component(target)] < RANK[component(name)], (
+                f"{name} (layer {RANK[component(name)]}) imports {target}"
+            )
 
 
 def test_no_import_cycles():
@@ -82,7 +84,7 @@ def test_no_import_cycles():
         state[name] = "open"
         for target in sorted(GRAPH.get(name, ())):
             if state.get(target) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(target):] + [target]))
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(target) :] + [target]))
             if target not in state:
                 visit(target, trail + [target])
         state[name] = "done"
@@ -97,7 +99,9 @@ def test_the_import_graph_sees_function_level_imports():
     assert "patchcore.core.knn" in GRAPH["patchcore.core.coreset"]  # imported inside greedy_extend
 
 
-@pytest.mark.parametrize("module", ["patchcore", "patchcore.evaluation.metrics", "patchcore.config", "patchcore.persistence"])
+@pytest.mark.parametrize(
+    "module", ["patchcore", "patchcore.evaluation.metrics", "patchcore.config", "patchcore.persistence"]
+)
 def test_light_modules_do_not_import_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0, f"importing {module} loads torch"

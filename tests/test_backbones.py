@@ -166,8 +166,16 @@ def test_folded_batchnorm_computes_the_same_features():
 
 @pytest.mark.parametrize(
     "kernel,stride,dilation,size",
-    [(3, 2, 1, (16, 16)), (3, 2, 1, (15, 15)), (5, 2, 1, (16, 17)), (5, 2, 1, (17, 16)), (3, 1, 1, (10, 9)),
-     (4, 1, 1, (9, 10)), (1, 2, 1, (8, 8)), (3, 2, 2, (16, 15))],
+    [
+        (3, 2, 1, (16, 16)),
+        (3, 2, 1, (15, 15)),
+        (5, 2, 1, (16, 17)),
+        (5, 2, 1, (17, 16)),
+        (3, 1, 1, (10, 9)),
+        (4, 1, 1, (9, 10)),
+        (1, 2, 1, (8, 8)),
+        (3, 2, 2, (16, 15)),
+    ],
 )
 def test_same_padding_matches_tensorflow_padding_by_copy(kernel, stride, dilation, size):
     """The zero-tap trick gives what padding a copy of the input TF-style (extra at bottom/right) gives,

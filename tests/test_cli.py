@@ -14,8 +14,6 @@ from synthetic import make_mvtec
 FAST = ["--resize", "64", "--crop", "56", "--coreset-ratio", "0.5"]
 
 
-
-
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -77,8 +75,19 @@ def test_evaluate_writes_metrics_and_scores(category, tmp_path):
     result = run("evaluate", category, "-o", out, *FAST)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("image_auroc", "image_auroc_by_type", "pixel_auroc", "pro", "n_train", "n_test", "memory_bank_size",
-                "feature_seconds", "coreset_seconds", "fit_seconds", "predict_seconds_per_image"):
+    for key in (
+        "image_auroc",
+        "image_auroc_by_type",
+        "pixel_auroc",
+        "pro",
+        "n_train",
+        "n_test",
+        "memory_bank_size",
+        "feature_seconds",
+        "coreset_seconds",
+        "fit_seconds",
+        "predict_seconds_per_image",
+    ):
         assert key in metrics, key
     assert metrics["image_auroc"] == 1.0 and set(metrics["image_auroc_by_type"]) == {"blob"}
     assert metrics["pixel_auroc"] > 0.8 and 0 <= metrics["pro"] <= 1
@@ -163,7 +172,9 @@ def test_threshold_columns_in_scores_csv(category, tmp_path):
 def test_config_file_maps_onto_the_flags_and_flags_win(category, tmp_path, suffix):
     config = tmp_path / f"settings{suffix}"
     if suffix == ".json":
-        config.write_text(json.dumps({"resize": 64, "crop": 56, "coreset-ratio": 0.5, "seed": 7, "layers": ["blocks.2", "blocks.4"]}))
+        config.write_text(
+            json.dumps({"resize": 64, "crop": 56, "coreset-ratio": 0.5, "seed": 7, "layers": ["blocks.2", "blocks.4"]})
+        )
     else:
         config.write_text("resize: 64\ncrop: 56\ncoreset_ratio: 0.5\nseed: 7\nlayers: blocks.2 blocks.4\n")
     model = tmp_path / "m.safetensors"
@@ -179,8 +190,18 @@ def test_config_file_maps_onto_the_flags_and_flags_win(category, tmp_path, suffi
 
 def test_evaluate_plain_folders(category, tmp_path):
     out = tmp_path / "e"
-    result = run("evaluate", "--good", category / "train" / "good", "--defective", category / "test" / "blob",
-                 "--masks", category / "ground_truth" / "blob", "-o", out, *FAST)
+    result = run(
+        "evaluate",
+        "--good",
+        category / "train" / "good",
+        "--defective",
+        category / "test" / "blob",
+        "--masks",
+        category / "ground_truth" / "blob",
+        "-o",
+        out,
+        *FAST,
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train"] == 4 and metrics["n_test"] == 4 and set(metrics["image_auroc_by_type"]) == {"blob"}
@@ -233,8 +254,20 @@ def test_calibrate_f1_fpr_and_by_hand(model_file, category, tmp_path):
 
 def test_fit_add_and_calibrate_work_on_ensembles(category, tmp_path):
     model = tmp_path / "ens.safetensors"
-    fitted = run("fit", category, "-o", model, *FAST, "--backbone", "efficientnet_lite0", "efficientnet_lite1",
-                 "--threshold-fpr", "0.25", "--calibration-share", "0.4")
+    fitted = run(
+        "fit",
+        category,
+        "-o",
+        model,
+        *FAST,
+        "--backbone",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "--threshold-fpr",
+        "0.25",
+        "--calibration-share",
+        "0.4",
+    )
     assert fitted.returncode == 0, fitted.stderr
     header = json.loads(run("info", model).stdout)
     assert header["thresholds"]["method"] == "fpr" and header["ensemble"]["threshold_fpr"] == 0.25

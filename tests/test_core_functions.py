@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchcore.core.features import local_average, patch_features, pool_channels
+from patchcore.core.knn import knn
 from patchcore.core.maps import anomaly_maps, gaussian_blur
 from patchcore.core.scoring import image_score, patch_scores, reweighting_factor
-from patchcore.core.knn import knn
 from patchcore.search import ExactIndex
 
 

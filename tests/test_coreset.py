@@ -18,9 +18,7 @@ from patchcore.core.coreset import (
 )
 
 
-@pytest.fixture(
-    params=[(3, None), (256, None), (16, 2)], ids=["tiny-blocks", "default-blocks", "narrow-filter"]
-)
+@pytest.fixture(params=[(3, None), (256, None), (16, 2)], ids=["tiny-blocks", "default-blocks", "narrow-filter"])
 def block_size(request, monkeypatch):
     """Run block-sensitive tests with many tiny blocks, with the default size, and with a
     2-dimensional matrix filter (a loose partial-distance bound: many pairs reach the exact step)."""

@@ -71,7 +71,13 @@ def test_ensemble_thresholds_from_the_held_out_images(images):
     assert all(d["threshold"] == thresholds.image for d in decisions)
     # standardised scores can be negative: the normalised score is a logistic, 0.5 at the threshold
     assert ensemble.decide(thresholds.image)["normalized_score"] == 0.5
-    assert 0 < ensemble.decide(thresholds.image - 5)["normalized_score"] < 0.5 < ensemble.decide(thresholds.image + 5)["normalized_score"] < 1
+    assert (
+        0
+        < ensemble.decide(thresholds.image - 5)["normalized_score"]
+        < 0.5
+        < ensemble.decide(thresholds.image + 5)["normalized_score"]
+        < 1
+    )
 
 
 def test_ensemble_calibrate_set_threshold_and_partial_fit(ensemble, images, tmp_path):
@@ -116,3 +122,25 @@ def test_state_round_trip_without_a_file(ensemble, images):
     copy = PatchCoreEnsemble.from_state(state)
     np.testing.assert_array_equal(copy.score_samples(images[:2]), ensemble.score_samples(images[:2]))
     json.dumps(state.meta)  # the meta is plain JSON
+
+
+def test_ensemble_runtime_settings_are_checked(ensemble):
+    copy = PatchCoreEnsemble.from_state(ensemble.get_state(), chunk_size=64, batch_size=2)
+    assert all(m.chunk_size == 64 and m.batch_size == 2 for m in copy.models_)
+    with pytest.raises(PatchCoreError, match="cannot apply to an ensemble"):
+        PatchCoreEnsemble.from_state(ensemble.get_state(), weights="lite0.pth")
+
+
+def test_an_ensemble_from_the_command_line_takes_negative_thresholds():
+    from patchcore.cli import build_parser
+    from patchcore.cli.options import make_detector
+
+    args = build_parser().parse_args(
+        ["fit", "DATA", "-o", "m", "--backbone", "efficientnet_lite0", "efficientnet_lite1", "--threshold", "-0.5"]
+    )
+    detector = make_detector(args)
+    assert isinstance(detector, PatchCoreEnsemble) and detector.threshold == -0.5
+    assert all(c.threshold is None for c in detector.members)
+    args = build_parser().parse_args(["fit", "DATA", "-o", "m", "--threshold", "-0.5"])
+    with pytest.raises(PatchCoreError, match="positive"):
+        make_detector(args)

@@ -38,7 +38,12 @@ def test_v1_files_load_with_the_same_scores_and_maps(name):
 
 @pytest.mark.parametrize(
     ("name", "scoring", "top_k"),
-    [("v1_default", "mean-top-k", 20), ("v1_paper_max", "paper", 1), ("v1_official_top20", "official", 20), ("v1_official_max", "official", 1)],
+    [
+        ("v1_default", "mean-top-k", 20),
+        ("v1_paper_max", "paper", 1),
+        ("v1_official_top20", "official", 20),
+        ("v1_official_max", "official", 1),
+    ],
 )
 def test_v1_scoring_names_are_migrated_to_what_they_compute(name, scoring, top_k):
     config = patchcore.load(GOLDEN / f"{name}.safetensors").config
@@ -51,3 +56,33 @@ def test_a_v1_model_saved_again_is_written_as_the_current_version(tmp_path):
     again = patchcore.load(tmp_path / "v2.safetensors")
     assert again.provenance_["format_version"] == patchcore.persistence.FORMAT_VERSION == 2
     np.testing.assert_allclose(again.score_samples(_test_images()), EXPECTED["v1_default"]["scores"], rtol=1e-5)
+
+
+def test_migration_of_v1_documents_without_top_k_and_malformed_ones():
+    from patchcore.errors import PatchCoreError
+    from patchcore.persistence.model_file import migrate
+
+    # files written before image_top_k existed were scored with the max patch score
+    assert migrate("patchcore-model", {"config": {"scoring": "paper"}}, 1)["config"] == {
+        "scoring": "paper",
+        "image_top_k": 1,
+    }
+    members = {"members": [{"config": {"scoring": "paper", "image_top_k": 20}}, {"config": {"scoring": "official"}}]}
+    migrated = migrate("patchcore-ensemble", members, 1)["members"]
+    assert [(m["config"]["scoring"], m["config"]["image_top_k"]) for m in migrated] == [
+        ("mean-top-k", 20),
+        ("official", 1),
+    ]
+    for broken in ({}, {"config": None}, {"config": ["paper"]}):
+        with pytest.raises(PatchCoreError, match="cannot be read"):
+            migrate("patchcore-model", broken, 1)
+
+
+def test_info_prints_the_settings_as_this_version_reads_them():
+    from helpers import run_cli
+
+    result = run_cli("info", GOLDEN / "v1_default.safetensors")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["format_version"] == 1 and document["read_as_format_version"] == 2
+    assert document["config"]["scoring"] == "mean-top-k" and document["checksum"]

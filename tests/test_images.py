@@ -30,7 +30,7 @@ def test_gray_and_16_bit_files_become_rgb(tmp_path):
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     out = load_image(gray)
     assert out.shape == (3, 4, 3) and np.allclose(out[..., 0], out[..., 2])
-    deep = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    deep = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
     Image.fromarray(deep).save(tmp_path / "deep.png")
     np.testing.assert_allclose(load_image(tmp_path / "deep.png")[..., 1], deep / 65535, atol=1e-6)
     assert load_image(gray[..., None]).shape == (3, 4, 3)

@@ -10,7 +10,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from patchcore import NotFittedError, PatchCore, PatchCoreConfig, PatchCoreError
-
 from synthetic import SMALL, texture
 
 
@@ -175,7 +174,13 @@ def test_accepts_paths_pil_arrays_and_tensors(fitted, rng_images, tmp_path):
     image = rng_images[0]
     path = tmp_path / "x.png"
     Image.fromarray(image).save(path)
-    sources = [path, Image.fromarray(image), image, torch.from_numpy(image).permute(2, 0, 1), image.astype(np.uint16) * 257]
+    sources = [
+        path,
+        Image.fromarray(image),
+        image,
+        torch.from_numpy(image).permute(2, 0, 1),
+        image.astype(np.uint16) * 257,
+    ]
     scores = fitted.score_samples(sources)
     np.testing.assert_allclose(scores, scores[0], rtol=1e-6)
 
@@ -218,7 +223,7 @@ def test_partial_fit_extends_the_coreset_without_refitting(rng_images):
     assert model.n_train_ == 12 and model.fit_stats_["full_bank_size"] == 12 * 49
     assert model.memory_bank_.shape[0] == round(0.25 * 12 * 49)
     assert torch.equal(model.memory_bank_[: len(old)], old)  # kept rows stay, new ones are appended
-    new_rows = model.memory_bank_[len(old):].numpy()
+    new_rows = model.memory_bank_[len(old) :].numpy()
     candidates = model.extract_features(more).reshape(-1, 120)
     assert all(np.isclose(candidates, row, atol=1e-6).all(axis=1).any() for row in new_rows)
     full = PatchCore(**SMALL).fit(rng_images + more)
@@ -283,7 +288,9 @@ def test_sklearn_clone_of_an_ensemble():
 
     from patchcore import PatchCoreEnsemble
 
-    ensemble = PatchCoreEnsemble([PatchCoreConfig(**SMALL), PatchCoreConfig(**SMALL, backbone="efficientnet_lite1")], threshold_fpr=0.1)
+    ensemble = PatchCoreEnsemble(
+        [PatchCoreConfig(**SMALL), PatchCoreConfig(**SMALL, backbone="efficientnet_lite1")], threshold_fpr=0.1
+    )
     copy = clone(ensemble)
     assert copy.members == ensemble.members and copy.threshold_fpr == 0.1
 
@@ -313,3 +320,38 @@ def _with_config(state, **changes):
 
     meta = {**state.meta, "config": {**state.meta["config"], **changes}}
     return DetectorState(state.kind, meta, state.tensors)
+
+
+def test_naming_a_scoring_mode_takes_its_own_top_k():
+    assert PatchCore(scoring="paper").config.image_top_k == 1
+    assert PatchCore(scoring="official", image_top_k=3).config.image_top_k == 3
+    model = PatchCore(**SMALL)
+    assert model.config.image_top_k == 20
+    assert model.set_params(scoring="official").config.image_top_k == 1
+    assert model.set_params(scoring="mean-top-k").config.image_top_k == 20
+    assert repr(PatchCore(scoring="paper")) == "PatchCore(scoring='paper')"
+
+
+def test_malformed_states_give_one_clear_error(fitted):
+    from patchcore.persistence import DetectorState
+
+    state = fitted.get_state()
+    for edit in (
+        {"backbone": ["efficientnet_lite0"]},
+        {"train": {"n_train": 6}},
+        {"config": None},
+        {"thresholds": ["image", 1.0]},
+        {"thresholds": {"image": "high"}},
+    ):
+        with pytest.raises(PatchCoreError, match="model"):
+            PatchCore.from_state(DetectorState(state.kind, {**state.meta, **edit}, state.tensors), source="model")
+    with pytest.raises(PatchCoreError, match="unknown runtime"):
+        PatchCore.from_state(state, colour="red")
+    with pytest.raises(PatchCoreError, match="batch_size"):
+        PatchCore.from_state(state, batch_size=0).score_samples([np.zeros((8, 8, 3), np.uint8)])
+
+
+def test_get_state_is_a_copy(fitted):
+    state = fitted.get_state()
+    state.tensors["memory_bank"][:] = 0
+    assert float(fitted.memory_bank_.abs().sum()) > 0

@@ -10,17 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_cli as run
 from patchcore.datasets import Dataset, Sample
 from patchcore.evaluation.evaluate import evaluate
 from patchcore.reporting.html import ExampleCollector, render_report
-from patchcore.reporting.overlays import OverlayWriter, binary_mask, heatmap_overlay, overlay_range, sample_names, save_png, thumbnail
-from helpers import run_cli as run
+from patchcore.reporting.overlays import (
+    OverlayWriter,
+    binary_mask,
+    heatmap_overlay,
+    overlay_range,
+    sample_names,
+    save_png,
+    thumbnail,
+)
 from synthetic import make_mvtec
 
 FAST = ["--resize", "64", "--crop", "56", "--coreset-ratio", "0.5"]
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-
-
 
 
 def hot_spot(size=(40, 50)):
@@ -94,23 +100,56 @@ def test_overlay_writer_without_thresholds_waits_for_the_run_maximum(tmp_path, f
 
 
 def test_sample_names_are_unique():
-    samples = [Sample(Path("a/x.png"), 0, "good"), Sample(Path("b/x.png"), 0, "good"), Sample(Path("c/x.png"), 1, "hole")]
+    samples = [
+        Sample(Path("a/x.png"), 0, "good"),
+        Sample(Path("b/x.png"), 0, "good"),
+        Sample(Path("c/x.png"), 1, "hole"),
+    ]
     assert sample_names(samples) == [Path("good/x.png"), Path("good/x_1.png"), Path("hole/x.png")]
 
 
 # ----------------------------------------------------------------------------- HTML
 def fake_run(n_good=12, n_bad=8):
     rng = np.random.default_rng(0)
-    rows = [{"path": f"data/good/{i:03d}.png", "score": float(rng.normal(1, 0.1)), "label": 0, "defect_type": "good",
-             "is_anomalous": None} for i in range(n_good)]
-    rows += [{"path": f"data/{t}/{i:03d}.png", "score": float(rng.normal(2, 0.4)), "label": 1, "defect_type": t,
-              "is_anomalous": None} for t in ("hole", "stain") for i in range(n_bad // 2)]
-    metrics = {"image_auroc": 0.9876, "image_auroc_by_type": {"hole": 0.9712, "stain": 1.0}, "pixel_auroc": 0.9543,
-               "pro": 0.8321, "pixel_metrics_resolution": 56, "n_train": 17, "n_test": n_good + n_bad,
-               "memory_bank_size": 321, "feature_seconds": 1.5, "coreset_seconds": 0.25, "fit_seconds": 1.8,
-               "predict_seconds_per_image": 0.04, "threshold": 1.3, "false_positive_rate_at_threshold": 0.0833,
-               "true_positive_rate_at_threshold": 0.875,
-               "thresholds": {"image": 1.3, "pixel": 0.9, "method": "fpr", "fpr": 0.05, "n_calibration": 4}}
+    rows = [
+        {
+            "path": f"data/good/{i:03d}.png",
+            "score": float(rng.normal(1, 0.1)),
+            "label": 0,
+            "defect_type": "good",
+            "is_anomalous": None,
+        }
+        for i in range(n_good)
+    ]
+    rows += [
+        {
+            "path": f"data/{t}/{i:03d}.png",
+            "score": float(rng.normal(2, 0.4)),
+            "label": 1,
+            "defect_type": t,
+            "is_anomalous": None,
+        }
+        for t in ("hole", "stain")
+        for i in range(n_bad // 2)
+    ]
+    metrics = {
+        "image_auroc": 0.9876,
+        "image_auroc_by_type": {"hole": 0.9712, "stain": 1.0},
+        "pixel_auroc": 0.9543,
+        "pro": 0.8321,
+        "pixel_metrics_resolution": 56,
+        "n_train": 17,
+        "n_test": n_good + n_bad,
+        "memory_bank_size": 321,
+        "feature_seconds": 1.5,
+        "coreset_seconds": 0.25,
+        "fit_seconds": 1.8,
+        "predict_seconds_per_image": 0.04,
+        "threshold": 1.3,
+        "false_positive_rate_at_threshold": 0.0833,
+        "true_positive_rate_at_threshold": 0.875,
+        "thresholds": {"image": 1.3, "pixel": 0.9, "method": "fpr", "fpr": 0.05, "n_calibration": 4},
+    }
     fpr = np.linspace(0, 0.3, 50)
     curves = {"pro": {"fpr": fpr, "pro": np.sqrt(fpr / 0.3), "max_fpr": 0.3}}
     return metrics, rows, curves
@@ -123,11 +162,27 @@ def test_render_report_is_self_contained_with_tables_plots_and_examples():
     overlay = heatmap_overlay(image, amap, vmin=0, vmax=1.8, threshold=0.9)
     fps = sorted((r for r in rows if r["label"] == 0), key=lambda r: -r["score"])[:2]
     fns = sorted((r for r in rows if r["label"] == 1), key=lambda r: r["score"])[:2]
-    examples = [{**r, "kind": "false positive", "image": pixels, "overlay": overlay, "vmin": 0, "vmax": 1.8} for r in fps]
-    examples += [{**r, "kind": "false negative", "image": pixels, "overlay": overlay, "vmin": 0, "vmax": 1.8} for r in fns]
+    examples = [
+        {**r, "kind": "false positive", "image": pixels, "overlay": overlay, "vmin": 0, "vmax": 1.8} for r in fps
+    ]
+    examples += [
+        {**r, "kind": "false negative", "image": pixels, "overlay": overlay, "vmin": 0, "vmax": 1.8} for r in fns
+    ]
     page = render_report(metrics, rows, curves, examples)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    for text in ("0.9876", "0.9712", "0.9543", "0.8321", "321", "hole", "stain", "1.3000", "0.0833", "0.8750", "40.0 ms"):
+    for text in (
+        "0.9876",
+        "0.9712",
+        "0.9543",
+        "0.8321",
+        "321",
+        "hole",
+        "stain",
+        "1.3000",
+        "0.0833",
+        "0.8750",
+        "40.0 ms",
+    ):
         assert text in page, text
     for row in fps + fns:
         assert row["path"] in page
@@ -142,8 +197,15 @@ def test_render_report_is_self_contained_with_tables_plots_and_examples():
 
 def test_render_report_without_masks_or_thresholds_skips_pro_and_threshold():
     metrics, rows, _ = fake_run()
-    for key in ("pixel_auroc", "pro", "pixel_metrics_resolution", "threshold", "false_positive_rate_at_threshold",
-                "true_positive_rate_at_threshold", "thresholds"):
+    for key in (
+        "pixel_auroc",
+        "pro",
+        "pixel_metrics_resolution",
+        "threshold",
+        "false_positive_rate_at_threshold",
+        "true_positive_rate_at_threshold",
+        "thresholds",
+    ):
         metrics.pop(key)
     page = render_report(metrics, rows, {}, [])
     assert len(DATA_URI.findall(page)) == 2  # ROC and histogram
@@ -214,7 +276,9 @@ def test_predict_overlays_masks_and_jsonl(thresholded_model, category, tmp_path)
     broken = next(r for r in rows if r["path"].endswith("broken.png"))
     assert broken["score"] is None and "broken.png" in broken["error"]
     good = [r for r in rows if r is not broken]
-    assert all(isinstance(r["score"], float) and isinstance(r["is_anomalous"], bool) and r["error"] is None for r in good)
+    assert all(
+        isinstance(r["score"], float) and isinstance(r["is_anomalous"], bool) and r["error"] is None for r in good
+    )
     for relative, size in (("blob/000.png", (40, 40)), ("good/002.png", (40, 40)), ("wide.png", (60, 30))):
         overlay = Image.open(out / "overlays" / relative)
         mask = Image.open(out / "masks" / relative)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore.errors import PatchCoreError
 from patchcore.core.knn import knn
+from patchcore.errors import PatchCoreError
 from patchcore.search.faiss_index import INDEX_KINDS, FaissIndex, default_nlist
 
 

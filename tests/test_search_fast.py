@@ -180,7 +180,7 @@ def test_the_bound_is_needed(monkeypatch):
     queries = make(rng.standard_normal((500, 4)))
     index = FilteredExactIndex(bank, max_candidates=10**6, use_bf16=True)
     assert_same_as_knn(index, queries, 3)  # the real bound: correct
-    zero = lambda nx, nq: (torch.zeros_like(nx, dtype=torch.float64), torch.zeros_like(nx, dtype=torch.float64))  # noqa: E731
+    zero = lambda nx, nq: (torch.zeros_like(nx, dtype=torch.float64), torch.zeros_like(nx, dtype=torch.float64))
     monkeypatch.setattr(index, "_bound_terms", zero)
     monkeypatch.setattr("patchcore.search.bf16.U_BF16", 0.0)
     with pytest.raises(AssertionError):

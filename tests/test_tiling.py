@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_cli as run
 from patchcore import PatchCore, PatchCoreError
 from patchcore.imaging import (
-    TiledGeometry,
     geometry_for,
     map_to_original,
     mask_to_map,
@@ -18,8 +18,6 @@ from patchcore.imaging import (
     tile_geometry,
     tile_positions,
 )
-
-from helpers import run_cli as run
 from synthetic import SMALL, make_mvtec, texture
 
 
@@ -43,7 +41,9 @@ def test_keep_aspect_resizes_the_shorter_side_and_crops_the_centre():
     amap = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)
     assert map_to_original(amap, g).shape == (40, 80)
     # the square default is untouched by the generalisation
-    assert geometry_for((30, 50), 32, 24) == preprocess(np.zeros((30, 50, 3), np.float32), 32, 24, (0,) * 3, (1,) * 3)[1]
+    assert (
+        geometry_for((30, 50), 32, 24) == preprocess(np.zeros((30, 50, 3), np.float32), 32, 24, (0,) * 3, (1,) * 3)[1]
+    )
 
 
 def test_masks_follow_the_keep_aspect_geometry():
@@ -59,7 +59,9 @@ def test_masks_follow_the_keep_aspect_geometry():
     assert half.scaled == (20, 40) and mask_to_map(mask, half)[:, 20:].all()
 
 
-@pytest.mark.parametrize("length,tile,overlap", [(512, 128, 0.25), (100, 64, 0.0), (64, 64, 0.5), (30, 64, 0.25), (1001, 96, 0.9)])
+@pytest.mark.parametrize(
+    "length,tile,overlap", [(512, 128, 0.25), (100, 64, 0.0), (64, 64, 0.5), (30, 64, 0.25), (1001, 96, 0.9)]
+)
 def test_tile_positions_cover_with_the_requested_overlap(length, tile, overlap):
     starts = tile_positions(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] + min(tile, length) == length and starts == sorted(set(starts))

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -203,7 +204,7 @@ def _efficientnet_lite(name: str, spec: BackboneSpec, layers: tuple[str, ...], w
         digest = file_sha256(path)
     model.fold_batchnorm()
 
-    def run(body: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    def run(body: EfficientNetLite, x: torch.Tensor) -> list[torch.Tensor]:
         return body.stages(x, stages)
 
     return Backbone(name, model, layers, run, spec.mean, spec.std, digest)
@@ -279,13 +280,14 @@ def _timm(name: str, spec: BackboneSpec, layers: tuple[str, ...], weights) -> Ba
     except ImportError as exc:
         raise PatchCoreError(f"backbone {name!r} needs timm: pip install 'patchcore[timm]'") from exc
     model_name = name.removeprefix("timm:")
-    probe = timm.create_model(model_name, pretrained=False, features_only=True)
+    probe: Any = timm.create_model(model_name, pretrained=False, features_only=True)
     names = [info["module"] for info in probe.feature_info.get_dicts()]
     missing = [layer for layer in layers if layer not in names]
     if missing:
         raise PatchCoreError(f"timm model {model_name} has no feature layer {missing[0]!r}; it has {', '.join(names)}")
     indices = tuple(names.index(layer) for layer in layers)
     digest = "random"
+    body: Any
     if weights == "random":
         body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=indices)
     elif weights:

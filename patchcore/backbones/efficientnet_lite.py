@@ -160,7 +160,7 @@ class EfficientNetLite(nn.Module):
         conv(x) * g / sqrt(v + eps) + (b - m * g / sqrt(v + eps)) is again a convolution. Call after
         loading weights: the state dict keys of the batch norms are gone afterwards.
         """
-        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        pairs: list[tuple[nn.Module, str, str]] = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
         for block in self._blocks:
             if block.has_expand:
                 pairs.append((block, "_expand_conv", "_bn0"))

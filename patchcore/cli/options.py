@@ -35,7 +35,9 @@ def _optional_int(text: str) -> int | None:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per PatchCoreConfig field; absent flags leave no attribute, so only given flags override."""
     group = parser.add_argument_group("model settings (saved in the model file)")
-    group.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (keys as the flags below); flags win")
+    group.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file of settings (keys as the flags below); flags win"
+    )
     hints = typing.get_type_hints(PatchCoreConfig)
     for field in dataclasses.fields(PatchCoreConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -44,10 +46,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if field.name == "layers":
             kwargs.update(nargs="+", metavar="LAYER", help="feature layers, finest first (default: the backbone's)")
         elif field.name == "backbone":
-            kwargs.update(nargs="+", metavar="NAME", help="backbone; several names fit an ensemble, one bank each (default: efficientnet_lite0)")
+            kwargs.update(
+                nargs="+",
+                metavar="NAME",
+                help="backbone; several names fit an ensemble, one bank each (default: efficientnet_lite0)",
+            )
         elif field.name == "image_top_k":
-            kwargs.update(type=_optional_int, metavar="N", help="image score = mean of the N largest patch scores "
-                          "(default: the scoring mode's own, 20 for mean-top-k, 1 for paper and official)")
+            kwargs.update(
+                type=_optional_int,
+                metavar="N",
+                help="image score = mean of the N largest patch scores "
+                "(default: the scoring mode's own, 20 for mean-top-k, 1 for paper and official)",
+            )
         elif field.name in CHOICES:
             kwargs.update(choices=CHOICES[field.name])
         elif hints[field.name] is bool:
@@ -79,7 +89,9 @@ def read_config_file(path: str) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:
-        raise PatchCoreError(f"{file}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} ({exc})") from exc
+        raise PatchCoreError(
+            f"{file}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} ({exc})"
+        ) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -90,42 +102,47 @@ def read_config_file(path: str) -> dict[str, Any]:
     return settings
 
 
-def configs_from_args(args: argparse.Namespace) -> list[PatchCoreConfig]:
-    """Defaults, then the --config file, then the flags given on the command line; one config per backbone."""
+def make_detector(args: argparse.Namespace) -> Detector:
+    """Defaults, then the --config file, then the flags given on the command line: a PatchCore model, or an
+    ensemble when several backbones are named (one config per backbone; the calibration share, seed and
+    threshold settings are the ensemble's, its thresholds in standard deviations)."""
     settings = {**(read_config_file(args.config) if getattr(args, "config", None) else {}), **given_settings(args)}
     backbones = settings.pop("backbone", None) or [PatchCoreConfig.backbone]
     backbones = [backbones] if isinstance(backbones, str) else list(backbones)
-    if len(backbones) > 1 and settings.get("layers"):
+    if len(backbones) == 1:
+        return PatchCore(PatchCoreConfig.from_dict({**settings, "backbone": backbones[0]}), **runtime_from_args(args))
+    if settings.get("layers"):
         raise PatchCoreError("--layers cannot apply to several backbones: drop it to use each backbone's defaults")
-    return [PatchCoreConfig.from_dict({**settings, "backbone": name}) for name in backbones]
-
-
-def make_detector(args: argparse.Namespace) -> Detector:
-    """A PatchCore model, or an ensemble when several backbones are named (with the first config's
-    calibration, seed and threshold settings)."""
-    configs = configs_from_args(args)
-    if len(configs) == 1:
-        return PatchCore(configs[0], **runtime_from_args(args))
+    thresholds = {
+        name: settings.pop(name) for name in ("threshold_fpr", "threshold", "pixel_threshold") if name in settings
+    }
+    configs = [PatchCoreConfig.from_dict({**settings, "backbone": name}) for name in backbones]
     first = configs[0]
     return PatchCoreEnsemble(
-        configs, calibration_share=first.calibration_share, seed=first.seed, threshold_fpr=first.threshold_fpr,
-        threshold=first.threshold, pixel_threshold=first.pixel_threshold, **runtime_from_args(args),
+        configs, calibration_share=first.calibration_share, seed=first.seed, **thresholds, **runtime_from_args(args)
     )
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime (never changes results)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    group.add_argument("--batch-size", type=int, default=None, help="images processed together (default: 32; on a CPU the backbone runs them in slices of ~200k pixels)")
     group.add_argument(
-        "--search", choices=SEARCH_BACKENDS, default="exact",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images processed together (default: 32; on a CPU the backbone runs them in slices of ~200k pixels)",
+    )
+    group.add_argument(
+        "--search",
+        choices=SEARCH_BACKENDS,
+        default="exact",
         help="nearest-neighbour backend (default: exact, through a bf16 shortlist where the CPU has native bf16; "
         "exact-fp32: plain fp32 GEMM; faiss-* need pip install 'patchcore[faiss]'; ivf/hnsw are approximate)",
     )
 
 
 def runtime_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(device=args.device, batch_size=args.batch_size, search=args.search, progress=True)
+    return {"device": args.device, "batch_size": args.batch_size, "search": args.search, "progress": True}
 
 
 def load_detector(path: str, args: argparse.Namespace) -> Detector:
@@ -141,9 +158,13 @@ def refuse_model_settings(args: argparse.Namespace, why: str) -> None:
 
 def add_folder_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("plain folders (instead of DATA)")
-    group.add_argument("--good", metavar="DIR", help="good images; with --defective a seeded 20%% are held out for testing")
+    group.add_argument(
+        "--good", metavar="DIR", help="good images; with --defective a seeded 20%% are held out for testing"
+    )
     group.add_argument("--defective", metavar="DIR", help="defective images (sub-folders become defect types)")
-    group.add_argument("--masks", metavar="DIR", help="masks named like the defective images (<name>.png or <name>_mask.png)")
+    group.add_argument(
+        "--masks", metavar="DIR", help="masks named like the defective images (<name>.png or <name>_mask.png)"
+    )
 
 
 def dataset_from_args(args: argparse.Namespace) -> Dataset:

@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +70,9 @@ def coreset_size(n: int, ratio: float | None = None, size: int | None = None) ->
 
     Returns:
         int in ``[1, n]``.
+
+    >>> coreset_size(460_800, ratio=0.01), coreset_size(10, ratio=0.01), coreset_size(10, ratio=0.5, size=3)
+    (4608, 1, 3)
     """
     n = _as_int(n, "n")
     if n < 1:
@@ -251,7 +256,7 @@ def greedy_coreset_reference(
     return selected
 
 
-def _single_threaded_blas() -> ContextManager[Any]:
+def _single_threaded_blas() -> AbstractContextManager[Any]:
     """Limit BLAS to one thread while the greedy loop runs, if threadpoolctl is installed.
 
     The loop issues many small and medium matrix products; multi-threaded OpenBLAS spends
@@ -400,6 +405,12 @@ def greedy_coreset(
     Memory beyond ``Z`` (N x d float32): O(N) per-row state, the filter coordinates
     (N x m float32, m <= d), ``n_select x d`` float64 for the centers, and temporaries of one
     block.
+
+    Two tight clusters and one outlier: the outlier is kept, and each cluster once.
+
+    >>> points = np.array([[0, 0], [0.1, 0], [5, 5], [5.1, 5], [20, 0]], dtype=np.float32)
+    >>> sorted(int(i) // 2 for i in greedy_coreset(points, 3, projection_dim=2, seed=0))  # cluster of each kept row
+    [0, 1, 2]
     """
     t0 = time.perf_counter()
     z, start, mind = _prepare(features, n_select, projection_dim, seed)
@@ -748,9 +759,7 @@ class StreamingCoreset:
                 self._reduce()
             take = min(n - pos, self.max_rows - self._fill)
             self._buffer[self._fill : self._fill + take] = arr[pos : pos + take]
-            self._index[self._fill : self._fill + take] = np.arange(
-                self._n_seen, self._n_seen + take, dtype=np.int64
-            )
+            self._index[self._fill : self._fill + take] = np.arange(self._n_seen, self._n_seen + take, dtype=np.int64)
             self._fill += take
             self._n_seen += take
             pos += take
@@ -807,8 +816,7 @@ class StreamingCoreset:
         if n_select > self._fill:
             if self._n_reductions == 0:
                 raise ValueError(
-                    f"n_select={n_select} but only {self._n_seen} rows were added; "
-                    "add more rows or lower n_select"
+                    f"n_select={n_select} but only {self._n_seen} rows were added; add more rows or lower n_select"
                 )
             need = max(2, int(np.ceil(n_select / self.shrink)))  # smallest max_rows with shard_keep >= n_select
             while int(need * self.shrink) < n_select:

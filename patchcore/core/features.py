@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 
 def local_average(feature_map: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W): mean over each p x p neighbourhood, zeros outside the map counted."""
+    """(B, C, H, W) -> (B, C, H, W): mean over each p x p neighbourhood, zeros outside the map counted.
+
+    >>> local_average(torch.ones(1, 1, 3, 3), 3)[0, 0]
+    tensor([[0.4444, 0.6667, 0.4444],
+            [0.6667, 1.0000, 0.6667],
+            [0.4444, 0.6667, 0.4444]])
+    """
     if patch_size == 1:
         return feature_map
     return F.avg_pool2d(feature_map, patch_size, stride=1, padding=patch_size // 2, count_include_pad=True)
@@ -30,6 +36,12 @@ def patch_features(
     """Per-level maps [(B, C_l, H_l, W_l)], finest first -> (B, H_0, W_0, D) patch features.
 
     D = sum of C_l when ``target_dim`` is None, else ``target_dim``.
+
+    >>> level2, level3 = torch.ones(2, 40, 28, 28), torch.ones(2, 80, 14, 14)
+    >>> patch_features([level2, level3]).shape
+    torch.Size([2, 28, 28, 120])
+    >>> patch_features([level2, level3], target_dim=64).shape
+    torch.Size([2, 28, 28, 64])
     """
     if not feature_maps:
         raise ValueError("patch_features needs at least one feature map")

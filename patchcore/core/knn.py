@@ -44,7 +44,9 @@ def knn(
             [0, 2]])
     """
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"knn needs (Q, D) queries and (M, D) bank; got {tuple(queries.shape)} and {tuple(bank.shape)}")
+        raise ValueError(
+            f"knn needs (Q, D) queries and (M, D) bank; got {tuple(queries.shape)} and {tuple(bank.shape)}"
+        )
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k={k} must lie between 1 and the bank size {bank.shape[0]}")
     if bank_sq is None:

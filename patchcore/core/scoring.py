@@ -86,6 +86,13 @@ def image_score(
 
 
 __all__ = [
-    "DEFAULT_SCORING", "SCORING_MODES", "SCORING_RULES", "Index", "ScoringRule", "image_score", "patch_scores",
-    "reweighting_factor", "scoring_rule",
+    "DEFAULT_SCORING",
+    "SCORING_MODES",
+    "SCORING_RULES",
+    "Index",
+    "ScoringRule",
+    "image_score",
+    "patch_scores",
+    "reweighting_factor",
+    "scoring_rule",
 ]

@@ -47,7 +47,9 @@ def fpr_threshold(good_scores: np.ndarray, fpr: float) -> float:
         logger.warning(
             "only %d good calibration images for a %.3g false-positive rate: the threshold is only resolved "
             "to steps of %.3g; give more good images (or a larger --calibration-share)",
-            scores.size, fpr, 1.0 / scores.size,
+            scores.size,
+            fpr,
+            1.0 / scores.size,
         )
     return float(np.quantile(scores, 1.0 - fpr))
 

@@ -1,7 +1,7 @@
 """Detectors: the written contract (``base.Detector``) and the detectors that satisfy it.
 
 :func:`load` opens any model file as the detector it holds; :data:`KINDS` maps each model-file kind to
-its class (the one place to register a new detector).
+its class (the one place to register a new detector; its ``kind`` starts with "patchcore-").
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .._version import __version__
 from ..errors import PatchCoreError
 from ..persistence import read_state
 from .base import Detector, Inference, Prediction, Thresholds
@@ -25,7 +26,9 @@ def load(path: str | os.PathLike, **runtime: Any) -> Detector:
     """
     state = read_state(path)
     if state.kind not in KINDS:
-        raise PatchCoreError(f"{path}: a {state.kind} file, which this version cannot load")
+        raise PatchCoreError(
+            f"{path}: a {state.kind} file, which patchcore {__version__} cannot load: upgrade patchcore"
+        )
     return KINDS[state.kind].from_state(state, source=path, **runtime)
 
 

@@ -1,13 +1,14 @@
 """The detector contract: what every detector (a PatchCore model, an ensemble) offers, and all that the
-command line, evaluation, reports, the service, exports and the distributed engine may use of one.
+layers above (command line, evaluation, reports, and every adapter to come) may use of one.
 
 A detector follows scikit-learn's estimator contract: ``__init__`` only stores settings
 (``get_params``/``set_params``, so ``sklearn.base.clone`` works), ``fit`` returns self, learned state
 ends in ``_``, and using an unfitted detector raises :class:`~patchcore.errors.NotFittedError`.
 
 A subclass implements :meth:`~Detector.fit`, :meth:`~Detector.partial_fit`, :meth:`~Detector.infer`,
-:meth:`~Detector.get_state`, :meth:`~Detector.from_state`, :meth:`~Detector.describe` and
-:attr:`~Detector.memory_bank_size`; scoring, maps, predictions, thresholds and files are shared here.
+:meth:`~Detector.get_state`, :meth:`~Detector.from_state`, :meth:`~Detector.describe`,
+:attr:`~Detector.memory_bank_size` and the two hooks ``_check_fitted`` and ``_manual_thresholds``;
+scoring, maps, predictions, thresholds and files are shared here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 D = TypeVar("D", bound="Detector")
 
+#: Settings that change how fast a detector runs, never its results (constructor and ``load`` keywords).
+RUNTIME = ("device", "batch_size", "chunk_size", "search", "progress")
+DEFAULT_BATCH_SIZE = 32
+
 
 class Inference(NamedTuple):
     """One image's result as a detector computes it: the image score, the anomaly map at the model's input
@@ -39,6 +44,12 @@ class Inference(NamedTuple):
     score: float
     input_map: np.ndarray | None
     geometry: Geometry | TiledGeometry
+
+    def map(self) -> np.ndarray:
+        """The input-resolution map, or an error saying how to get one."""
+        if self.input_map is None:
+            raise PatchCoreError("no anomaly map: this result was computed with maps=False")
+        return self.input_map
 
 
 @dataclass(frozen=True)
@@ -76,11 +87,24 @@ class Thresholds:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Thresholds:
-        data = data or {}
-        try:
-            return cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
-        except TypeError as exc:  # pragma: no cover - dataclass fields are all optional
-            raise PatchCoreError(f"invalid thresholds {data!r}") from exc
+        """Thresholds as stored in a model file (None: no thresholds); wrong types raise PatchCoreError."""
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise PatchCoreError(f"thresholds must be a mapping, not {type(data).__name__}")
+        thresholds = cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
+        for name in ("image", "pixel", "fpr"):
+            value = getattr(thresholds, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise PatchCoreError(f"threshold {name}={value!r} must be a number or null")
+        return thresholds
+
+
+def header_dict(meta: dict[str, Any], key: str) -> dict[str, Any]:
+    """``meta[key]``, which must be a JSON object (a mapping): anything else raises PatchCoreError."""
+    value = meta[key]
+    if not isinstance(value, dict):
+        raise PatchCoreError(f"'{key}' must be a mapping, not {type(value).__name__}")
+    return value
 
 
 class Detector(ABC):
@@ -90,7 +114,7 @@ class Detector(ABC):
     ``fit_stats_`` (timings and sizes of the last fit), ``thresholds_`` (:class:`Thresholds`).
     """
 
-    #: The model-file kind this detector is stored as (see ``patchcore.persistence.model_file.KINDS``).
+    #: The model-file kind this detector is stored as (registered in ``patchcore.detectors.KINDS``).
     kind: ClassVar[str]
     #: "distance": scores are non-negative distances (normalised as s / (s + t)); "standardized": scores
     #: of any sign in standard deviations of good images (normalised by a logistic around t).
@@ -100,6 +124,7 @@ class Detector(ABC):
     thresholds_: Thresholds
     n_train_: int
     fit_stats_: dict[str, Any]
+    provenance_: dict[str, Any]  # set by from_state: format and package version and time of the state's file
 
     # ------------------------------------------------------------------ what a detector implements
     @abstractmethod
@@ -128,6 +153,14 @@ class Detector(ABC):
     def describe(self) -> dict[str, Any]:
         """The settings as a JSON-able dict (the config, or the ensemble's members and settings)."""
 
+    def resolved_batch_size(self) -> int:
+        """The images handled together: ``batch_size``, or 32 when it is None."""
+        if self.batch_size is None:
+            return DEFAULT_BATCH_SIZE
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise PatchCoreError(f"batch_size={self.batch_size!r} must be a positive whole number (or None for 32)")
+        return self.batch_size
+
     @property
     @abstractmethod
     def memory_bank_size(self) -> int:
@@ -152,7 +185,7 @@ class Detector(ABC):
         Images whose maps differ in size (keep_aspect without crop, or tiles) raise an error: use
         :meth:`predict` for one map per image at its original size.
         """
-        maps = [r.input_map for r in self.infer(images, maps=True)]
+        maps = [r.map() for r in self.infer(images, maps=True)]
         if len({m.shape for m in maps}) > 1:
             raise PatchCoreError(
                 "these images give anomaly maps of different sizes (keep_aspect without crop, or tile_size): "
@@ -163,7 +196,7 @@ class Detector(ABC):
     def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
         """Per image: score, anomaly map on the original image, and the decision when a threshold is set."""
         return [
-            Prediction(r.score, map_to_original(r.input_map, r.geometry), **self.decide(r.score))
+            Prediction(r.score, map_to_original(r.map(), r.geometry), **self.decide(r.score))
             for r in self.infer(images, maps=True)
         ]
 
@@ -196,7 +229,7 @@ class Detector(ABC):
         scores, pixels = [], []
         for result in self.infer(list(good_images), maps=True):
             scores.append(result.score)
-            pixels.append(np.asarray(result.input_map).ravel())
+            pixels.append(result.map().ravel())
         image, pixel = self._manual_thresholds()
         self.thresholds_ = Thresholds(
             image=image if image is not None else fpr_threshold(np.array(scores), fpr),
@@ -226,8 +259,11 @@ class Detector(ABC):
             if value is None:
                 continue
             if not np.isfinite(value) or (self.score_scale == "distance" and not value > 0):
-                raise PatchCoreError(f"{name} {value} must be a positive number (scores are distances)"
-                                     if self.score_scale == "distance" else f"{name} {value} must be a finite number")
+                raise PatchCoreError(
+                    f"{name} {value} must be a positive number (scores are distances)"
+                    if self.score_scale == "distance"
+                    else f"{name} {value} must be a finite number"
+                )
         self._check_fitted()
         self.thresholds_ = Thresholds(image=image, pixel=pixel, method="manual")
         return self

@@ -9,7 +9,6 @@ Scores are therefore in standard deviations of good images (0 = an average good 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,13 +21,12 @@ from ..errors import PatchCoreError
 from ..imaging import ImageLike, load_image
 from ..persistence import DetectorState
 from ..persistence.model_file import ENSEMBLE_KIND, SINGLE_KIND
-from .base import Detector, Inference, Thresholds, not_fitted
+from .base import RUNTIME, Detector, Inference, Thresholds, header_dict, not_fitted
 from .patchcore import PatchCore
 
 logger = logging.getLogger(__name__)
 
 SETTINGS = ("calibration_share", "seed", "threshold_fpr", "threshold", "pixel_threshold")
-RUNTIME = ("device", "batch_size", "search", "progress")
 # what every member must share so that their maps align pixel for pixel
 SHARED_GEOMETRY = ("resize", "crop", "keep_aspect", "tile_size", "tile_overlap", "tile_scale")
 
@@ -62,6 +60,7 @@ class PatchCoreEnsemble(Detector):
         pixel_threshold: float | None = None,
         device: str = "cpu",
         batch_size: int | None = None,
+        chunk_size: int | None = None,
         search: str = "exact",
         progress: bool = False,
     ) -> None:
@@ -73,6 +72,7 @@ class PatchCoreEnsemble(Detector):
         self.pixel_threshold = pixel_threshold
         self.device = device
         self.batch_size = batch_size
+        self.chunk_size = chunk_size
         self.search = search
         self.progress = progress
 
@@ -97,23 +97,28 @@ class PatchCoreEnsemble(Detector):
         if len(self.members) < 2:
             raise PatchCoreError("an ensemble needs at least two members (backbones)")
         if len({tuple(getattr(c, name) for name in SHARED_GEOMETRY) for c in self.members}) > 1:
-            raise PatchCoreError("ensemble members must share resize, crop, keep_aspect and the tile settings so their maps align")
+            raise PatchCoreError(
+                "ensemble members must share resize, crop, keep_aspect and the tile settings so their maps align"
+            )
         for name, value in (("threshold", self.threshold), ("pixel_threshold", self.pixel_threshold)):
             if value is not None and not np.isfinite(value):
                 raise PatchCoreError(f"{name}={value} must be a finite number (standard deviations)")
+        if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:
+            raise PatchCoreError(f"threshold_fpr={self.threshold_fpr} must lie in (0, 1), e.g. 0.05")
+        self.resolved_batch_size()
         images = list(images)
         keep, held_out = split_calibration(len(images), self.calibration_share, self.seed)
         train, calibration = [images[i] for i in keep], [images[i] for i in held_out]
-        # members never hold out images of their own: the ensemble's calibration share serves them all
-        configs = [dataclasses.replace(c, threshold_fpr=None, threshold=None, pixel_threshold=None) for c in self.members]
-        self.models_ = [PatchCore(config, **self._runtime()).fit(train) for config in configs]
+        self.models_ = [PatchCore(config, **self._runtime()).fit(train) for config in self._member_configs()]
         scores, maps = self._member_outputs(calibration)
         # (member, 2) statistics: a zero spread (a single calibration image) falls back to 1
         self.score_stats_ = np.array([[s.mean(), s.std() or 1.0] for s in scores])
         self.pixel_stats_ = np.array([[m.mean(), m.std() or 1.0] for m in maps])
         self.n_train_ = len(train)
         self.n_calibration_ = len(calibration)
-        self.thresholds_ = Thresholds(self.threshold, self.pixel_threshold, "manual" if self.threshold is not None else None)
+        self.thresholds_ = Thresholds(
+            self.threshold, self.pixel_threshold, "manual" if self.threshold is not None else None
+        )
         if self.threshold_fpr is not None and self.threshold is None:
             self.calibrate(calibration, self.threshold_fpr)
         self.fit_stats_ = self._summed_stats()
@@ -130,7 +135,16 @@ class PatchCoreEnsemble(Detector):
             model.partial_fit(images)
         self.n_train_ += len(images)
         self.fit_stats_ = self._summed_stats()
+        if self.threshold_ is not None:
+            logger.warning(
+                "partial_fit keeps the old standardisation and threshold; recalibrate if the new images differ"
+            )
         return self
+
+    def _member_configs(self) -> list[PatchCoreConfig]:
+        """The members' configs as fitted: members never hold out images or set thresholds of their own
+        (the ensemble's calibration share and thresholds serve them all)."""
+        return [c.replace(threshold_fpr=None, threshold=None, pixel_threshold=None) for c in self.members]
 
     def _summed_stats(self) -> dict[str, Any]:
         keys = ("feature_seconds", "coreset_seconds", "fit_seconds", "full_bank_size")
@@ -141,7 +155,7 @@ class PatchCoreEnsemble(Detector):
         for model in self.models_:
             results = list(model.infer(images, maps=True))
             scores.append(np.array([r.score for r in results]))
-            maps.append(np.stack([r.input_map for r in results]))
+            maps.append(np.stack([r.map() for r in results]))
         return scores, maps
 
     @property
@@ -150,7 +164,7 @@ class PatchCoreEnsemble(Detector):
         return sum(model.memory_bank_size for model in self.models_)
 
     def describe(self) -> dict[str, Any]:
-        return {"members": [c.to_dict() for c in self.members], **{name: getattr(self, name) for name in SETTINGS}}
+        return {"members": [c.to_dict() for c in self._member_configs()], **{n: getattr(self, n) for n in SETTINGS}}
 
     def _manual_thresholds(self) -> tuple[float | None, float | None]:
         return self.threshold, self.pixel_threshold
@@ -164,7 +178,7 @@ class PatchCoreEnsemble(Detector):
         """Per image: the mean standardised member score and map (input resolution), and the geometry."""
         self._check_fitted()
         images = list(images)
-        size = self.batch_size or 32
+        size = self.resolved_batch_size()
         for start in range(0, len(images), size):
             chunk = [load_image(image) for image in images[start : start + size]]  # decoded once for all members
             outputs = [list(model.infer(chunk, maps=maps)) for model in self.models_]
@@ -172,7 +186,9 @@ class PatchCoreEnsemble(Detector):
                 score = np.mean([(out[i].score - mu) / sd for out, (mu, sd) in zip(outputs, self.score_stats_)])
                 amap = None
                 if maps:
-                    amap = np.mean([(out[i].input_map - mu) / sd for out, (mu, sd) in zip(outputs, self.pixel_stats_)], axis=0)
+                    amap = np.mean(
+                        [(out[i].map() - mu) / sd for out, (mu, sd) in zip(outputs, self.pixel_stats_)], axis=0
+                    )
                     amap = amap.astype(np.float32)
                 yield Inference(float(score), amap, outputs[0][i].geometry)
 
@@ -190,33 +206,44 @@ class PatchCoreEnsemble(Detector):
             },
             "thresholds": self.thresholds_.to_dict(),
         }
-        tensors = {f"member{i}.{name}": array for i, member in enumerate(members) for name, array in member.tensors.items()}
+        tensors = {
+            f"member{i}.{name}": array for i, member in enumerate(members) for name, array in member.tensors.items()
+        }
         return DetectorState(self.kind, meta, tensors)
 
     @classmethod
     def from_state(cls, state: DetectorState, *, source: Any = "state", **runtime: Any) -> PatchCoreEnsemble:
         meta = state.meta
+        unknown = sorted(set(runtime) - set(RUNTIME))
+        if unknown:
+            raise PatchCoreError(f"{', '.join(unknown)} cannot apply to an ensemble: use {', '.join(RUNTIME)}")
         try:
-            records, info, stats = meta["members"], meta["ensemble"], meta["standardization"]
-            members = [
-                PatchCore.from_state(
-                    DetectorState(SINGLE_KIND, record, {"memory_bank": state.tensors[f"member{i}.memory_bank"]}),
-                    source=source, **runtime,
-                )
+            records, info, stats = meta["members"], header_dict(meta, "ensemble"), header_dict(meta, "standardization")
+            if not isinstance(records, list) or len(records) < 2:
+                raise PatchCoreError("an ensemble needs a list of at least two members")
+            member_states = [
+                DetectorState(SINGLE_KIND, record, {"memory_bank": state.tensors[f"member{i}.memory_bank"]})
                 for i, record in enumerate(records)
             ]
-            settings = {name: info.get(name) for name in SETTINGS if info.get(name) is not None}
-            ensemble = cls([m.config for m in members], **settings, **runtime)
-            ensemble.score_stats_ = np.array(stats["score"], dtype=np.float64)
-            ensemble.pixel_stats_ = np.array(stats["pixel"], dtype=np.float64)
-            ensemble.n_train_ = int(info["n_train"])
-            ensemble.n_calibration_ = int(info["n_calibration"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PatchCoreError(f"{source}: the ensemble's header is incomplete or malformed ({exc!r}); refit or restore it") from exc
-        if ensemble.score_stats_.shape != (len(records), 2) or ensemble.pixel_stats_.shape != (len(records), 2):
+            settings = {name: info[name] for name in SETTINGS if info.get(name) is not None}
+            score_stats = np.array(stats["score"], dtype=np.float64)
+            pixel_stats = np.array(stats["pixel"], dtype=np.float64)
+            n_train, n_calibration = int(info["n_train"]), int(info["n_calibration"])
+            thresholds = Thresholds.from_dict(meta.get("thresholds"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PatchCoreError(
+                f"{source}: the ensemble's header is incomplete or malformed ({exc!r}); refit or restore it"
+            ) from exc
+        except PatchCoreError as exc:
+            raise PatchCoreError(f"{source}: invalid ensemble in the model file ({exc})") from exc
+        if score_stats.shape != (len(records), 2) or pixel_stats.shape != (len(records), 2):
             raise PatchCoreError(f"{source}: standardisation statistics do not match the {len(records)} members")
+        members = [PatchCore.from_state(member, source=source, **runtime) for member in member_states]
+        ensemble = cls([m.config for m in members], **settings, **runtime)
         ensemble.models_ = members
+        ensemble.score_stats_, ensemble.pixel_stats_ = score_stats, pixel_stats
+        ensemble.n_train_, ensemble.n_calibration_ = n_train, n_calibration
         ensemble.fit_stats_ = {"full_bank_size": sum(m.fit_stats_.get("full_bank_size") or 0 for m in members)}
-        ensemble.thresholds_ = Thresholds.from_dict(meta.get("thresholds"))
+        ensemble.thresholds_ = thresholds
         ensemble.provenance_ = dict(state.provenance)
         return ensemble

@@ -17,22 +17,36 @@ import torch
 
 from ..backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
 from ..config import PatchCoreConfig
-from ..core.coreset import StreamingCoreset, coreset_size, greedy_coreset, greedy_extend, random_coreset, rows_for_memory
+from ..core.coreset import (
+    StreamingCoreset,
+    coreset_size,
+    greedy_coreset,
+    greedy_extend,
+    random_coreset,
+    rows_for_memory,
+)
 from ..core.features import patch_features
 from ..core.maps import anomaly_maps
 from ..core.scoring import image_score, patch_scores
 from ..core.thresholds import split_calibration
 from ..errors import PatchCoreError
-from ..imaging import Geometry, ImageLike, TiledGeometry, describe, load_image, preprocess, stitch_maps
-from ..imaging import tile_geometry, tile_inputs
+from ..imaging import (
+    Geometry,
+    ImageLike,
+    TiledGeometry,
+    describe,
+    load_image,
+    preprocess,
+    stitch_maps,
+    tile_geometry,
+    tile_inputs,
+)
 from ..persistence import DetectorState
 from ..persistence.model_file import SINGLE_KIND
 from ..search import SEARCH_BACKENDS, build_index
-from .base import Detector, Inference, Thresholds, not_fitted
+from .base import RUNTIME, Detector, Inference, Thresholds, header_dict, not_fitted
 
 logger = logging.getLogger(__name__)
-
-RUNTIME = ("device", "batch_size", "chunk_size", "search", "progress")
 
 
 class PatchCore(Detector):
@@ -62,7 +76,7 @@ class PatchCore(Detector):
         progress: bool = False,
         **settings: Any,
     ) -> None:
-        self.config = dataclasses.replace(config or PatchCoreConfig(), **settings)
+        self.config = (config or PatchCoreConfig()).replace(**settings)
         self.device = device
         self.batch_size = batch_size
         self.chunk_size = chunk_size
@@ -72,8 +86,10 @@ class PatchCore(Detector):
     # ------------------------------------------------------------------ scikit-learn parameters
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """Every config field and runtime setting, as keyword arguments of the constructor."""
-        return {**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)},
-                **{name: getattr(self, name) for name in RUNTIME}}
+        return {
+            **{f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)},
+            **{name: getattr(self, name) for name in RUNTIME},
+        }
 
     def set_params(self, **params: Any) -> PatchCore:
         """Change settings (config fields or runtime ones); the config is validated again. Returns self."""
@@ -81,7 +97,7 @@ class PatchCore(Detector):
         unknown = sorted(set(params) - fields - set(RUNTIME))
         if unknown:
             raise ValueError(f"invalid parameter(s) {', '.join(unknown)} for PatchCore")
-        self.config = dataclasses.replace(self.config, **{k: v for k, v in params.items() if k in fields})
+        self.config = self.config.replace(**{k: v for k, v in params.items() if k in fields})
         for name in RUNTIME:
             if name in params:
                 setattr(self, name, params[name])
@@ -114,7 +130,7 @@ class PatchCore(Detector):
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
         self.thresholds_ = Thresholds(cfg.threshold, cfg.pixel_threshold, "manual" if cfg.threshold else None)
-        if calibration:
+        if calibration and cfg.threshold_fpr is not None:
             self.calibrate(calibration, cfg.threshold_fpr)
         self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
         logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
@@ -143,7 +159,9 @@ class PatchCore(Detector):
         if cfg.coreset_method == "random":
             chosen = random_coreset(new.shape[0], n_add, seed=cfg.seed + self.n_train_)
         else:
-            chosen = greedy_extend(self.memory_bank_.cpu(), new, n_add, projection_dim=cfg.projection_dim, seed=cfg.seed)
+            chosen = greedy_extend(
+                self.memory_bank_.cpu(), new, n_add, projection_dim=cfg.projection_dim, seed=cfg.seed
+            )
         self._use_bank(torch.cat([self.memory_bank_.cpu(), new[torch.from_numpy(chosen)]]))
         self.n_train_ += len(images)
         self.fit_stats_ = {
@@ -177,12 +195,14 @@ class PatchCore(Detector):
         for feats, _ in batches:
             rows = feats.reshape(-1, feats.shape[-1])
             if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
-                feature_shape = tuple(feats.shape[1:3])
+                feature_shape = (int(feats.shape[1]), int(feats.shape[2]))
                 bank = torch.empty(n_images * rows.shape[0] // feats.shape[0], rows.shape[1])
             if filled + rows.shape[0] > bank.shape[0]:  # tiles or non-square inputs: more rows than one per image
                 bank = torch.cat([bank[:filled], torch.empty(max(filled, rows.shape[0]), bank.shape[1])])
             bank[filled : filled + rows.shape[0]] = rows.cpu()
             filled += rows.shape[0]
+        if bank is None:
+            raise PatchCoreError("no patch features were extracted: fit needs at least one good image")
         bank = bank[:filled]
         feature_seconds = time.perf_counter() - started
         started = time.perf_counter()
@@ -192,7 +212,11 @@ class PatchCore(Detector):
         else:
             with self._bar(n_select, "coreset") as bar:
                 chosen = greedy_coreset(
-                    bank, n_select, projection_dim=cfg.projection_dim, seed=cfg.seed, progress=lambda n: bar.update(n - bar.n)
+                    bank,
+                    n_select,
+                    projection_dim=cfg.projection_dim,
+                    seed=cfg.seed,
+                    progress=lambda n: bar.update(n - bar.n),
                 )
         coreset = bank[torch.from_numpy(np.asarray(chosen))].contiguous()
         stats = {
@@ -207,17 +231,19 @@ class PatchCore(Detector):
         greedy coreset over what the shards kept. The budget covers the buffer and the reductions'
         temporaries (measured at up to ~8x the buffer), so the buffer gets an eighth of it."""
         cfg = self.config
-        if cfg.coreset_method != "greedy":
+        if cfg.coreset_method != "greedy" or cfg.max_bank_memory is None:
             raise PatchCoreError("max_bank_memory needs coreset_method='greedy'")
         stream: StreamingCoreset | None = None
         started = time.perf_counter()
         for feats, _ in batches:
             rows = feats.reshape(-1, feats.shape[-1]).cpu()
             if stream is None:
-                feature_shape = tuple(feats.shape[1:3])
+                feature_shape = (int(feats.shape[1]), int(feats.shape[2]))
                 max_rows = max(2, rows_for_memory(cfg.max_bank_memory * 2**20 // 8, rows.shape[1]))
                 stream = StreamingCoreset(rows.shape[1], max_rows, projection_dim=cfg.projection_dim, seed=cfg.seed)
             stream.add(rows.numpy())
+        if stream is None:
+            raise PatchCoreError("no patch features were extracted: fit needs at least one good image")
         feature_seconds = time.perf_counter() - started  # includes the shard reductions done on the way
         started = time.perf_counter()
         n_select = coreset_size(stream.n_seen, cfg.coreset_ratio, cfg.coreset_size)
@@ -269,14 +295,21 @@ class PatchCore(Detector):
         One input per image, or with tile_size one per tile (the geometry is then the image's TiledGeometry).
         """
         cfg = self.config
+        geometry: Geometry | TiledGeometry
         for image in images:
             array = load_image(image)
             if cfg.tile_size is not None:
-                geometry = tile_geometry(
-                    array.shape[:2], cfg.tile_size, cfg.tile_overlap, cfg.tile_scale, cfg.resize, cfg.crop, cfg.keep_aspect
+                tiled = geometry = tile_geometry(
+                    array.shape[:2],
+                    cfg.tile_size,
+                    cfg.tile_overlap,
+                    cfg.tile_scale,
+                    cfg.resize,
+                    cfg.crop,
+                    cfg.keep_aspect,
                 )
-                last = len(geometry.boxes) - 1
-                for i, x in enumerate(tile_inputs(array, geometry, mean, std)):
+                last = len(tiled.boxes) - 1
+                for i, x in enumerate(tile_inputs(array, tiled, mean, std)):
                     yield x, geometry, i == last
             elif cfg.keep_aspect:
                 x, geometry = preprocess(array, cfg.resize, cfg.crop, mean, std, keep_aspect=True)
@@ -298,7 +331,14 @@ class PatchCore(Detector):
             logger.warning(
                 "%s is %d x %d pixels (H x W, aspect W/H %.2f) but the first image had aspect %.2f: every image "
                 "is stretched to a %d x %d square, so they are distorted differently; set keep_aspect (--keep-aspect) "
-                "or tile_size (--tile-size) to keep shapes", describe(image), shape[0], shape[1], aspect, first, size, size,
+                "or tile_size (--tile-size) to keep shapes",
+                describe(image),
+                shape[0],
+                shape[1],
+                aspect,
+                first,
+                size,
+                size,
             )
 
     def _features(
@@ -312,7 +352,7 @@ class PatchCore(Detector):
 
         cfg = self.config
         mean, std = self._normalization(backbone)
-        batch_size = self._batch_size()
+        batch_size = self.resolved_batch_size()
         bar = tqdm(total=len(images), desc=what, unit="img", disable=None if self.progress else True, leave=False)
 
         def run(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -337,13 +377,6 @@ class PatchCore(Detector):
                 yield feats, owners
         finally:
             bar.close()
-
-    def _batch_size(self) -> int:
-        if self.batch_size is None:
-            return 32
-        if self.batch_size < 1:
-            raise PatchCoreError("batch_size must be at least 1")
-        return self.batch_size
 
     def extract_features(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Patch features of images: (N, h, w, D) float32 (what the bank is made of)."""
@@ -373,10 +406,18 @@ class PatchCore(Detector):
             shape = first.tiles[len(tile_scores)].input_shape if isinstance(first, TiledGeometry) else first.input_shape
             with torch.inference_mode():
                 scores, nearest = patch_scores(flat, index, cfg.scoring, cfg.k)
-                scores, nearest, flat = scores.view(batch, h * w), nearest.view(batch, h * w), flat.view(batch, h * w, dim)
-                input_maps = anomaly_maps(scores.view(batch, h, w), tuple(shape), cfg.sigma).cpu().numpy() if maps else None
+                scores, nearest, flat = (
+                    scores.view(batch, h * w),
+                    nearest.view(batch, h * w),
+                    flat.view(batch, h * w, dim),
+                )
+                input_maps = anomaly_maps(scores.view(batch, h, w), shape, cfg.sigma).cpu().numpy() if maps else None
                 for i, (geometry, last) in enumerate(owners):
-                    score = float(image_score(scores[i], nearest[i], flat[i], index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k))
+                    score = float(
+                        image_score(
+                            scores[i], nearest[i], flat[i], index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k
+                        )
+                    )
                     amap = input_maps[i] if input_maps is not None else None
                     if not isinstance(geometry, TiledGeometry):
                         yield Inference(score, amap, geometry)
@@ -394,7 +435,11 @@ class PatchCore(Detector):
         backbone = self.backbone_
         meta = {
             "config": self.config.to_dict(),
-            "backbone": {"name": backbone.name, "layers": list(backbone.layers), "weights_sha256": backbone.weights_sha256},
+            "backbone": {
+                "name": backbone.name,
+                "layers": list(backbone.layers),
+                "weights_sha256": backbone.weights_sha256,
+            },
             "train": {
                 "n_train": self.n_train_,
                 "feature_shape": list(self.feature_shape_),
@@ -403,48 +448,60 @@ class PatchCore(Detector):
             },
             "thresholds": self.thresholds_.to_dict(),
         }
-        return DetectorState(self.kind, meta, {"memory_bank": self.memory_bank_.detach().cpu().numpy()})
+        return DetectorState(self.kind, meta, {"memory_bank": self.memory_bank_.detach().cpu().numpy().copy()})
 
     @classmethod
-    def from_state(cls, state: DetectorState, *, source: Any = "state", weights: str | None = None, **runtime: Any) -> PatchCore:
+    def from_state(
+        cls, state: DetectorState, *, source: Any = "state", weights: str | None = None, **runtime: Any
+    ) -> PatchCore:
         """A fitted PatchCore from its state, checking the backbone here against the one it was fitted with.
 
         ``weights`` points at the backbone weights when the file recorded in the model is elsewhere on this
         machine; they must hash to what the model was fitted with.
         """
         meta = state.meta
+        unknown = sorted(set(runtime) - set(RUNTIME))
+        if unknown:
+            raise PatchCoreError(f"unknown runtime setting(s) {', '.join(unknown)}: use {', '.join(RUNTIME)}")
         try:
-            config = PatchCoreConfig.from_dict(meta["config"])
-            recorded = meta["backbone"]
-            train = meta["train"]
-            n_train, feature_shape = int(train["n_train"]), tuple(int(v) for v in train["feature_shape"])
+            config = PatchCoreConfig.from_dict(header_dict(meta, "config"))
+            recorded, train = header_dict(meta, "backbone"), header_dict(meta, "train")
+            name, layers, digest = recorded["name"], list(recorded["layers"]), recorded["weights_sha256"]
+            n_train = int(train["n_train"])
+            feature_shape = (int(train["feature_shape"][0]), int(train["feature_shape"][1]))
+            full_bank_size = train.get("full_bank_size")
+            thresholds = Thresholds.from_dict(meta.get("thresholds"))
             bank = np.asarray(state.tensors["memory_bank"])
         except PatchCoreError as exc:
             raise PatchCoreError(f"{source}: invalid settings in the model ({exc})") from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PatchCoreError(f"{source}: the model's header is incomplete or malformed ({exc!r}); refit or restore it") from exc
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise PatchCoreError(
+                f"{source}: the model's header is incomplete or malformed ({exc!r}); refit or restore it"
+            ) from exc
         if weights is not None:
-            config = dataclasses.replace(config, weights=str(weights))
+            config = config.replace(weights=str(weights))
         if bank.ndim != 2 or bank.dtype != np.float32 or bank.shape[0] < 1:
             raise PatchCoreError(f"{source}: memory bank must be a non-empty (M, D) float32 tensor")
         model = cls(config, **runtime)
         backbone = create_backbone(config.backbone, config.layers, config.weights).to(model.device)
-        if backbone.name != recorded.get("name") or list(backbone.layers) != recorded.get("layers"):
-            raise PatchCoreError(f"{source}: backbone mismatch ({backbone.name} {backbone.layers} vs {recorded})")
-        if backbone.weights_sha256 != recorded.get("weights_sha256"):
+        if backbone.name != name or list(backbone.layers) != layers:
+            raise PatchCoreError(f"{source}: backbone mismatch ({backbone.name} {backbone.layers} vs {name} {layers})")
+        if backbone.weights_sha256 != digest:
             raise PatchCoreError(
-                f"{source}: the backbone weights here (sha256 {backbone.weights_sha256[:12]}) differ from those the "
-                f"model was fitted with ({str(recorded.get('weights_sha256'))[:12]}): pass the original weights file, or refit"
+                f"{source}: the backbone weights here (sha256 {backbone.weights_sha256[:12]}) differ from those "
+                f"the model was fitted with ({str(digest)[:12]}): pass the original weights file, or refit"
             )
         expected_dim = config.target_dim or sum(info.channels for info in backbone.feature_info)
         if bank.shape[1] != expected_dim:
-            raise PatchCoreError(f"{source}: memory bank has {bank.shape[1]} dimensions, the backbone gives {expected_dim}")
+            raise PatchCoreError(
+                f"{source}: memory bank has {bank.shape[1]} dimensions, the backbone gives {expected_dim}"
+            )
         model.backbone_ = backbone
         model._use_bank(torch.from_numpy(bank.copy()))
         model.n_train_ = n_train
         model.feature_shape_ = feature_shape
-        model.fit_stats_ = {"full_bank_size": train.get("full_bank_size")}
-        model.thresholds_ = Thresholds.from_dict(meta.get("thresholds"))
+        model.fit_stats_ = {"full_bank_size": full_bank_size}
+        model.thresholds_ = thresholds
         model.provenance_ = dict(state.provenance)
         return model
 

@@ -56,11 +56,11 @@ def evaluate(
     for i, result in enumerate(detector.infer([s.path for s in test], maps=with_masks or on_map is not None)):
         scores[i] = result.score
         if with_masks:
-            maps.append(result.input_map)
+            maps.append(result.map())
             geometries.append(result.geometry)
         if on_map is not None:
             called = time.perf_counter()
-            on_map(i, test[i], result.score, result.input_map, result.geometry)
+            on_map(i, test[i], result.score, result.map(), result.geometry)
             callback_seconds += time.perf_counter() - called
     predict_seconds = time.perf_counter() - started - callback_seconds
 
@@ -71,7 +71,7 @@ def evaluate(
     }
     if with_masks:
         metrics.update(_pixel_metrics(test, maps, geometries, curves))
-    stats = getattr(detector, "fit_stats_", {})
+    stats = detector.fit_stats_
     metrics.update(
         n_train=detector.n_train_,
         n_test=len(test),
@@ -90,7 +90,13 @@ def evaluate(
             true_positive_rate_at_threshold=float(flagged[labels == 1].mean()),
         )
     rows = [
-        {"path": str(s.path), "score": float(score), **detector.decide(float(score)), "label": s.label, "defect_type": s.defect_type}
+        {
+            "path": str(s.path),
+            "score": float(score),
+            **detector.decide(float(score)),
+            "label": s.label,
+            "defect_type": s.defect_type,
+        }
         for s, score in zip(test, scores)
     ]
     return metrics, rows

@@ -70,8 +70,7 @@ def _as_scores(values: ArrayLike, name: str) -> NDArray[np.floating]:
     arr = np.asarray(values)
     if arr.dtype.kind not in "biuf":
         raise ValueError(
-            f"{name} must be real-valued numbers, got dtype {arr.dtype}; "
-            f"pass anomaly scores as a float array"
+            f"{name} must be real-valued numbers, got dtype {arr.dtype}; pass anomaly scores as a float array"
         )
     if arr.dtype.kind in "biu" or arr.dtype.itemsize < 4:
         # Bools, integers and float16 -> float64 (exact for ints up to 2**53).
@@ -107,9 +106,7 @@ def _check_both_classes(n_pos: int, n_neg: int, name: str) -> None:
 def _check_max_fpr(max_fpr: float) -> float:
     max_fpr = float(max_fpr)
     if not (0.0 < max_fpr <= 1.0):
-        raise ValueError(
-            f"max_fpr must lie in (0, 1], got {max_fpr}; the usual value for PRO is 0.3"
-        )
+        raise ValueError(f"max_fpr must lie in (0, 1], got {max_fpr}; the usual value for PRO is 0.3")
     return max_fpr
 
 
@@ -252,6 +249,13 @@ def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     ------
     ValueError
         Shape mismatch, non-binary labels, NaN / inf scores, or only one class.
+
+    Examples
+    --------
+    >>> auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.75
+    >>> auroc([0, 1], [0.5, 0.5])  # a tie counts one half
+    0.5
     """
     y, s = _validated_pair(labels, scores, "labels", "scores")
     n_pos = int(np.count_nonzero(y))
@@ -404,13 +408,9 @@ def _raw_pro_curve(
         del group_of_sorted
     else:
         if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, (int, np.integer)):
-            raise ValueError(
-                f"num_thresholds must be None (exact) or an int >= 2, got {num_thresholds!r}"
-            )
+            raise ValueError(f"num_thresholds must be None (exact) or an int >= 2, got {num_thresholds!r}")
         if num_thresholds < 2:
-            raise ValueError(
-                f"num_thresholds must be >= 2 (or None for the exact curve), got {num_thresholds}"
-            )
+            raise ValueError(f"num_thresholds must be >= 2 (or None for the exact curve), got {num_thresholds}")
         # Approximation: thresholds evenly spaced in [min, max]; each pixel is
         # counted at every threshold <= its score. Group 0 = highest threshold.
         n_groups = int(num_thresholds)

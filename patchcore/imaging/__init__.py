@@ -1,6 +1,6 @@
 """Images in and maps out: decoding (``decode``), the resize/crop/keep-aspect geometry and normalisation
-(``geometry``) and tiling (``tiling``). Every path that feeds a model (fit, predict, the service, exports,
-the distributed engine) goes through these functions, so preprocessing is defined once.
+(``geometry``) and tiling (``tiling``). Every path that feeds a model goes through these functions, so
+preprocessing is defined once.
 """
 
 from .decode import IMAGE_SUFFIXES, ImageLike, describe, list_images, load_image, read_image_file, read_mask_file
@@ -8,7 +8,23 @@ from .geometry import Geometry, TiledGeometry, geometry_for, map_to_original, ma
 from .tiling import stitch_maps, tile_coverage, tile_geometry, tile_inputs, tile_positions
 
 __all__ = [
-    "IMAGE_SUFFIXES", "ImageLike", "describe", "list_images", "load_image", "read_image_file", "read_mask_file",
-    "Geometry", "TiledGeometry", "geometry_for", "map_to_original", "mask_to_input", "mask_to_map", "preprocess",
-    "stitch_maps", "tile_coverage", "tile_geometry", "tile_inputs", "tile_positions",
+    "IMAGE_SUFFIXES",
+    "ImageLike",
+    "describe",
+    "list_images",
+    "load_image",
+    "read_image_file",
+    "read_mask_file",
+    "Geometry",
+    "TiledGeometry",
+    "geometry_for",
+    "map_to_original",
+    "mask_to_input",
+    "mask_to_map",
+    "preprocess",
+    "stitch_maps",
+    "tile_coverage",
+    "tile_geometry",
+    "tile_inputs",
+    "tile_positions",
 ]

@@ -135,7 +135,9 @@ def place_map(anomaly_map: np.ndarray, geometry: Geometry, fill: float | None) -
     """An input-resolution map -> the image of ``geometry.original``; outside the crop: fill (None: its min)."""
     amap = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))
     if tuple(amap.shape) != tuple(geometry.input_shape):
-        raise PatchCoreError(f"anomaly map of shape {tuple(amap.shape)} does not match the input shape {geometry.input_shape}")
+        raise PatchCoreError(
+            f"anomaly map of shape {tuple(amap.shape)} does not match the input shape {geometry.input_shape}"
+        )
     canvas = torch.full(geometry.size, float(amap.min()) if fill is None else fill)
     (oy, ox), (ih, iw) = geometry.offsets, geometry.input_shape
     canvas[oy : oy + ih, ox : ox + iw] = amap
@@ -149,8 +151,12 @@ def map_to_original(anomaly_map: np.ndarray, geometry: Geometry | TiledGeometry)
     if isinstance(geometry, TiledGeometry):
         amap = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))
         if tuple(amap.shape) != tuple(geometry.scaled):
-            raise PatchCoreError(f"anomaly map of shape {tuple(amap.shape)} does not match the tiled image {geometry.scaled}")
+            raise PatchCoreError(
+                f"anomaly map of shape {tuple(amap.shape)} does not match the tiled image {geometry.scaled}"
+            )
         if tuple(geometry.scaled) == tuple(geometry.original):
             return amap.numpy().copy()
-        return F.interpolate(amap[None, None], size=geometry.original, mode="bilinear", align_corners=False)[0, 0].numpy()
+        return F.interpolate(amap[None, None], size=geometry.original, mode="bilinear", align_corners=False)[
+            0, 0
+        ].numpy()
     return place_map(anomaly_map, geometry, None)

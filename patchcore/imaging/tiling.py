@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatchCoreError
-from .geometry import Geometry, TiledGeometry, geometry_for, place_map, preprocess
+from .geometry import TiledGeometry, geometry_for, place_map, preprocess
 
 
 def tile_positions(length: int, tile: int, overlap: float) -> list[int]:
@@ -53,7 +53,14 @@ def tile_inputs(
         x = F.interpolate(x, size=geometry.scaled, mode="bilinear", align_corners=False, antialias=True)
         image = x[0].clamp_(0.0, 1.0).permute(1, 2, 0).numpy()
     for (top, left, h, w), tile in zip(geometry.boxes, geometry.tiles):
-        x, _ = preprocess(image[top : top + h, left : left + w], tile.resize, tile.crop, mean, std, keep_aspect=tile.resized is not None)
+        x, _ = preprocess(
+            image[top : top + h, left : left + w],
+            tile.resize,
+            tile.crop,
+            mean,
+            std,
+            keep_aspect=tile.resized is not None,
+        )
         yield x
 
 

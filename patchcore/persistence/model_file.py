@@ -28,9 +28,11 @@ from .._version import __version__
 from ..errors import PatchCoreError
 from .atomic import atomic_write
 
+# Every detector kind is stored under a format name with this prefix; which kinds exist is the detectors'
+# business (``patchcore.detectors.KINDS``). The two below are named here for the migrations.
+KIND_PREFIX = "patchcore-"
 SINGLE_KIND = "patchcore-model"
 ENSEMBLE_KIND = "patchcore-ensemble"
-KINDS = (SINGLE_KIND, ENSEMBLE_KIND)
 FORMAT_VERSION = 2
 METADATA_KEY = "patchcore"
 ENVELOPE = ("format", "format_version", "package_version", "created", "tensors", "checksum")
@@ -54,10 +56,12 @@ class DetectorState:
 # ---------------------------------------------------------------------------------------------- versions
 def _v1_to_v2(kind: str, meta: dict[str, Any]) -> dict[str, Any]:
     """Version 1 named the mean of the top-k patch scores "paper" whenever image_top_k > 1; version 2 calls
-    that "mean-top-k" and keeps "paper" for the paper's max. "official" kept its top-k as stored."""
+    that "mean-top-k" and keeps "paper" for the paper's max. "official" keeps its top-k as stored. Files
+    from before image_top_k existed hold none: they were scored with the max (top-k 1)."""
     configs = [meta["config"]] if kind == SINGLE_KIND else [member["config"] for member in meta["members"]]
     for config in configs:
-        if config.get("scoring") == "paper" and config.get("image_top_k", 1) != 1:
+        config.setdefault("image_top_k", 1)
+        if config.get("scoring") == "paper" and config["image_top_k"] != 1:
             config["scoring"] = "mean-top-k"
     return meta
 
@@ -66,11 +70,16 @@ def _v1_to_v2(kind: str, meta: dict[str, Any]) -> dict[str, Any]:
 MIGRATIONS: dict[int, Callable[[str, dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 
-def migrate(kind: str, meta: dict[str, Any], version: int) -> dict[str, Any]:
+def migrate(kind: str, meta: dict[str, Any], version: int, source: Any = "header") -> dict[str, Any]:
     """A ``version`` document brought to :data:`FORMAT_VERSION`, one step at a time."""
     meta = json.loads(json.dumps(meta))  # a deep copy: the caller's header stays as read
-    for step in range(version, FORMAT_VERSION):
-        meta = MIGRATIONS[step](kind, meta)
+    try:
+        for step in range(version, FORMAT_VERSION):
+            meta = MIGRATIONS[step](kind, meta)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise PatchCoreError(
+            f"{source}: a format-{version} header that cannot be read ({exc!r}); refit or restore the model"
+        ) from exc
     return meta
 
 
@@ -93,8 +102,8 @@ def write_state(path: str | os.PathLike, state: DetectorState) -> None:
     """Write ``state`` to ``path`` atomically, as the current format version."""
     from safetensors.numpy import save_file
 
-    if state.kind not in KINDS:
-        raise ValueError(f"unknown detector kind {state.kind!r}: expected one of {', '.join(KINDS)}")
+    if not state.kind.startswith(KIND_PREFIX):
+        raise ValueError(f"detector kind {state.kind!r} must start with {KIND_PREFIX!r}")
     clash = sorted(set(state.meta) & set(ENVELOPE))
     if clash:
         raise ValueError(f"state meta must not use the envelope keys {', '.join(clash)}")
@@ -129,8 +138,11 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         header = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
         raise PatchCoreError(f"{path}: a safetensors file, but not a PatchCore model (no valid header)") from exc
-    if not isinstance(header, dict) or header.get("format") not in KINDS:
-        raise PatchCoreError(f"{path}: not a PatchCore model file (format {header.get('format') if isinstance(header, dict) else None!r})")
+    if not isinstance(header, dict):
+        raise PatchCoreError(f"{path}: a safetensors file, but not a PatchCore model (its header is not a JSON object)")
+    kind = header.get("format")
+    if not isinstance(kind, str) or not kind.startswith(KIND_PREFIX):
+        raise PatchCoreError(f"{path}: not a PatchCore model file (format {kind!r})")
     version = header.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise PatchCoreError(
@@ -147,7 +159,9 @@ def read_tensors(path: str | os.PathLike, header: Mapping[str, Any]) -> dict[str
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise PatchCoreError(f"{path}: the tensors cannot be read ({exc}); the file is damaged: refit or restore it") from exc
+        raise PatchCoreError(
+            f"{path}: the tensors cannot be read ({exc}); the file is damaged: refit or restore it"
+        ) from exc
     expected = header.get("tensors")
     if not isinstance(expected, dict):
         raise PatchCoreError(f"{path}: the header lists no tensors; the file was altered: refit or restore it")
@@ -155,10 +169,14 @@ def read_tensors(path: str | os.PathLike, header: Mapping[str, Any]) -> dict[str
         if name not in tensors:
             raise PatchCoreError(f"{path}: tensor {name!r} is missing; the file is damaged: refit or restore it")
         if not isinstance(spec, dict) or list(tensors[name].shape) != spec.get("shape"):
-            raise PatchCoreError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, not what the header says")
+            raise PatchCoreError(
+                f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, not what the header says"
+            )
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise PatchCoreError(f"{path}: unexpected tensor(s) {', '.join(extra)}; the file was altered: refit or restore it")
+        raise PatchCoreError(
+            f"{path}: unexpected tensor(s) {', '.join(extra)}; the file was altered: refit or restore it"
+        )
     if checksum(header, tensors) != header.get("checksum"):
         raise PatchCoreError(f"{path}: checksum mismatch, the file was edited or damaged: refit or restore it")
     return tensors
@@ -168,6 +186,20 @@ def read_state(path: str | os.PathLike) -> DetectorState:
     """The verified state in a model file, migrated to the current format version."""
     header = read_header(path)
     tensors = read_tensors(path, header)
-    meta = {k: v for k, v in header.items() if k not in ENVELOPE}
+    kind, version = header["format"], header["format_version"]
+    meta = migrate(kind, {k: v for k, v in header.items() if k not in ENVELOPE}, version, path)
     provenance = {k: header.get(k) for k in ("format_version", "package_version", "created")}
-    return DetectorState(header["format"], migrate(header["format"], meta, header["format_version"]), tensors, provenance)
+    return DetectorState(kind, meta, tensors, provenance)
+
+
+def read_document(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of a verified model file as this version reads it (what ``patchcore info`` prints): the
+    envelope as stored, the settings migrated, and ``read_as_format_version`` when they were."""
+    header = read_header(path)
+    read_tensors(path, header)  # verified like a load: an edited file is refused here too
+    version = header["format_version"]
+    meta = migrate(header["format"], {k: v for k, v in header.items() if k not in ENVELOPE}, version, path)
+    document = {**{k: header[k] for k in ENVELOPE if k in header}, **meta}
+    if version != FORMAT_VERSION:
+        document["read_as_format_version"] = FORMAT_VERSION
+    return document

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..detectors.base import Thresholds
 from ..evaluation.metrics import one_against_good, roc_curve
 from .overlays import RunRange, colorize, render_overlay, thumbnail, to_png_bytes
 
@@ -96,12 +97,24 @@ def roc_plot(rows: Sequence[dict], metrics: dict) -> bytes | None:
             axes.plot(fpr, tpr, color=TYPE_COLORS[i % len(TYPE_COLORS)], linewidth=1.3, alpha=0.85, label=label)
     fpr, tpr, _ = roc_curve(labels, scores)
     auc = metrics.get("image_auroc")
-    axes.plot(fpr, tpr, color="#111111", linewidth=2.4, label="all defects" + (f" (AUROC {auc:.3f})" if auc is not None else ""))
+    axes.plot(
+        fpr,
+        tpr,
+        color="#111111",
+        linewidth=2.4,
+        label="all defects" + (f" (AUROC {auc:.3f})" if auc is not None else ""),
+    )
     axes.plot([0, 1], [0, 1], linestyle=":", color="#888888", linewidth=1, label="chance")
     if metrics.get("false_positive_rate_at_threshold") is not None:
         axes.plot(
-            metrics["false_positive_rate_at_threshold"], metrics["true_positive_rate_at_threshold"], "o",
-            markersize=9, markerfacecolor="none", markeredgecolor=DEFECT_COLOR, markeredgewidth=2, label="at the threshold",
+            metrics["false_positive_rate_at_threshold"],
+            metrics["true_positive_rate_at_threshold"],
+            "o",
+            markersize=9,
+            markerfacecolor="none",
+            markeredgecolor=DEFECT_COLOR,
+            markeredgewidth=2,
+            label="at the threshold",
         )
     axes.set_xlim(-0.01, 1.01)
     axes.set_ylim(-0.01, 1.01)
@@ -123,10 +136,21 @@ def pro_plot(curve: dict | None, metrics: dict) -> bytes | None:
     figure = _figure()
     axes = figure.add_subplot()
     score = metrics.get("pro")
-    axes.plot(fpr, pro, color="#6a3d9a", linewidth=2.4, label="PRO" + (f" (normalised area {score:.3f})" if score is not None else ""))
+    axes.plot(
+        fpr,
+        pro,
+        color="#6a3d9a",
+        linewidth=2.4,
+        label="PRO" + (f" (normalised area {score:.3f})" if score is not None else ""),
+    )
     axes.set_xlim(0, max_fpr)
     axes.set_ylim(-0.01, 1.01)
-    _style(axes, f"PRO (pixel level, FPR up to {max_fpr:g})", "false positive rate (defect-free pixels)", "per-region overlap")
+    _style(
+        axes,
+        f"PRO (pixel level, FPR up to {max_fpr:g})",
+        "false positive rate (defect-free pixels)",
+        "per-region overlap",
+    )
     axes.legend(loc="lower right", fontsize=10, framealpha=0.9)
     return _png(figure)
 
@@ -152,8 +176,14 @@ def histogram_plot(rows: Sequence[dict], threshold: float | None) -> bytes | Non
     if len(types) > 1:
         for i, defect_type in enumerate(types):
             chosen = np.array([r["defect_type"] == defect_type for r in rows])
-            axes.hist(scores[chosen], bins=bins, histtype="step", linewidth=1.6,
-                      color=TYPE_COLORS[i % len(TYPE_COLORS)], label=f"  {defect_type} (n={int(chosen.sum())})")
+            axes.hist(
+                scores[chosen],
+                bins=bins,
+                histtype="step",
+                linewidth=1.6,
+                color=TYPE_COLORS[i % len(TYPE_COLORS)],
+                label=f"  {defect_type} (n={int(chosen.sum())})",
+            )
     if threshold is not None:
         axes.axvline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=2, label=f"threshold {threshold:.4g}")
     _style(axes, "Image scores: good vs defective", "anomaly score (higher = more anomalous)", "number of images")
@@ -170,14 +200,16 @@ class ExampleCollector:
     the earlier image.
     """
 
-    def __init__(self, thresholds: Any = None, n: int = 6) -> None:
+    def __init__(self, thresholds: Thresholds | None = None, n: int = 6, scale: str = "distance") -> None:
         self.n = n
-        self.range = RunRange(thresholds)
+        self.range = RunRange(thresholds, scale)
         self.kept: dict[int, tuple[Any, float, np.ndarray, Any]] = {}
 
     def add(self, index: int, sample: Any, score: float, amap: np.ndarray, geometry: Any) -> None:
         self.range.see(amap)
-        self.kept[index] = (sample, float(score), np.asarray(amap, dtype=np.float16), geometry)
+        # kept at the precision OUT/overlays draws from (float16 while the range waits for the run's end)
+        precision = np.float16 if self.range.fixed is None else np.float32
+        self.kept[index] = (sample, float(score), np.asarray(amap, dtype=precision), geometry)
         same = [i for i, (s, _, _, _) in self.kept.items() if s.label == sample.label]
         if len(same) > self.n:  # drop the least bad of this kind (on ties, the later image)
             sign = -1.0 if sample.label == 0 else 1.0
@@ -187,18 +219,26 @@ class ExampleCollector:
         """The kept images as rows with ``kind``, ``image`` and ``overlay`` thumbnails (uint8 arrays),
         worst first; ``rows`` are the evaluation's rows (one per test image, in order)."""
         vmin, vmax = self.range.range()
-        chosen = sorted(self.kept, key=lambda i: (-self.kept[i][1] if self.kept[i][0].label == 0 else self.kept[i][1], i))
+        chosen = sorted(
+            self.kept, key=lambda i: (-self.kept[i][1] if self.kept[i][0].label == 0 else self.kept[i][1], i)
+        )
         examples = []
         for kind, label in (("false positive", 0), ("false negative", 1)):
             for i in (i for i in chosen if self.kept[i][0].label == label):
                 sample, _, amap, geometry = self.kept[i]
-                pixels, _, overlay = render_overlay(sample.path, amap, geometry, (vmin, vmax), self.range.pixel_threshold)
-                examples.append({
-                    **rows[i], "kind": kind,
-                    "image": thumbnail(np.round(pixels * 255).astype(np.uint8), max_side),
-                    "overlay": thumbnail(overlay, max_side),
-                    "vmin": vmin, "vmax": vmax,
-                })
+                pixels, _, overlay = render_overlay(
+                    sample.path, amap, geometry, (vmin, vmax), self.range.pixel_threshold
+                )
+                examples.append(
+                    {
+                        **rows[i],
+                        "kind": kind,
+                        "image": thumbnail(np.round(pixels * 255).astype(np.uint8), max_side),
+                        "overlay": thumbnail(overlay, max_side),
+                        "vmin": vmin,
+                        "vmax": vmax,
+                    }
+                )
         return examples
 
 
@@ -249,7 +289,9 @@ def metrics_table(metrics: dict) -> str:
         if isinstance(resolution, (int, float)):
             rows.append(("pixel metrics resolution", f"{int(resolution)} &times; {int(resolution)} px (model maps)"))
         elif isinstance(resolution, (list, tuple)) and len(resolution) == 2:
-            rows.append(("pixel metrics resolution", f"{int(resolution[0])} &times; {int(resolution[1])} px (model maps)"))
+            rows.append(
+                ("pixel metrics resolution", f"{int(resolution[0])} &times; {int(resolution[1])} px (model maps)")
+            )
         elif resolution:
             rows.append(("pixel metrics resolution", html.escape(str(resolution))))
     thresholds = metrics.get("thresholds") or {}
@@ -257,25 +299,42 @@ def metrics_table(metrics: dict) -> str:
         rows.append("Threshold")
         rows.append(("image threshold", _fmt(metrics.get("threshold"))))
         if metrics.get("false_positive_rate_at_threshold") is not None:
-            rows.append(("false positive rate at the threshold (test)", _fmt(metrics["false_positive_rate_at_threshold"])))
-            rows.append(("true positive rate at the threshold (test)", _fmt(metrics["true_positive_rate_at_threshold"])))
+            rows.append(
+                ("false positive rate at the threshold (test)", _fmt(metrics["false_positive_rate_at_threshold"]))
+            )
+            rows.append(
+                ("true positive rate at the threshold (test)", _fmt(metrics["true_positive_rate_at_threshold"]))
+            )
         rows.append(("pixel threshold", _fmt(thresholds.get("pixel"))))
         method = thresholds.get("method")
         if method == "fpr":
-            rows.append(("set by", f"calibration: FPR {_fmt(thresholds.get('fpr'))} on "
-                                   f"{_fmt(thresholds.get('n_calibration'))} held-out good training images"))
+            rows.append(
+                (
+                    "set by",
+                    f"calibration: FPR {_fmt(thresholds.get('fpr'))} on "
+                    f"{_fmt(thresholds.get('n_calibration'))} held-out good training images",
+                )
+            )
         elif method:
             rows.append(("set by", html.escape(str(method))))
     else:
         rows.append("Threshold")
         rows.append(("image / pixel threshold", "none (fit with --threshold-fpr or --threshold to set one)"))
     rows.append("Data")
-    for key, label in (("n_train", "training images"), ("n_test", "test images"), ("memory_bank_size", "memory bank size (patches)")):
+    for key, label in (
+        ("n_train", "training images"),
+        ("n_test", "test images"),
+        ("memory_bank_size", "memory bank size (patches)"),
+    ):
         if key in metrics:
             rows.append((label, _fmt(metrics[key])))
     rows.append("Timings")
-    for key, label in (("feature_seconds", "feature extraction"), ("coreset_seconds", "coreset selection"),
-                       ("fit_seconds", "fit (total)"), ("predict_seconds_per_image", "prediction per image")):
+    for key, label in (
+        ("feature_seconds", "feature extraction"),
+        ("coreset_seconds", "coreset selection"),
+        ("fit_seconds", "fit (total)"),
+        ("predict_seconds_per_image", "prediction per image"),
+    ):
         if key in metrics:
             rows.append((label, _seconds(metrics[key])))
     body = []
@@ -284,7 +343,7 @@ def metrics_table(metrics: dict) -> str:
             body.append(f'<tr class="section"><th colspan="2">{row}</th></tr>')
         else:
             numeric = row[1][:1].isdigit() or row[1].startswith(("-", "&ndash;"))
-            body.append(f'<tr><td>{row[0]}</td><td{" class=num" if numeric else ""}>{row[1]}</td></tr>')
+            body.append(f"<tr><td>{row[0]}</td><td{' class=num' if numeric else ''}>{row[1]}</td></tr>")
     return '<table class="metrics">\n' + "\n".join(body) + "\n</table>"
 
 
@@ -301,7 +360,8 @@ def _example_card(example: dict) -> str:
         pictures.append(_img(to_png_bytes(np.asarray(example["overlay"])), "overlay " + str(example["path"])))
     return (
         '<div class="example"><div class="pair">' + "".join(pictures) + "</div>"
-        f'<div class="meta">score <b>{score:.4f}</b> {flag} &middot; {html.escape(str(example.get("defect_type", "")))}<br>'
+        f'<div class="meta">score <b>{score:.4f}</b> {flag} &middot; {html.escape(str(example.get("defect_type", "")))}'
+        "<br>"
         f"{html.escape(str(example['path']))}</div></div>"
     )
 
@@ -316,28 +376,41 @@ def _examples_section(title: str, explanation: str, examples: list[dict]) -> str
 def _colorbar(vmin: float, vmax: float) -> str:
     ramp = np.repeat(colorize(np.linspace(vmin, vmax, 320)[None, :], vmin, vmax), 14, axis=0)
     png = to_png_bytes(np.round(ramp * 255).astype(np.uint8))
-    return (f'<span class="legend">{_fmt(vmin)}</span> {_img(png, "colour scale", "colorbar")} '
-            f'<span class="legend">{_fmt(vmax)}</span>')
+    return (
+        f'<span class="legend">{_fmt(vmin)}</span> {_img(png, "colour scale", "colorbar")} '
+        f'<span class="legend">{_fmt(vmax)}</span>'
+    )
 
 
-def render_report(metrics: dict, rows: list[dict], curves: dict, examples: list[dict], *, title: str | None = None) -> str:
+def render_report(
+    metrics: dict, rows: list[dict], curves: dict, examples: list[dict], *, title: str | None = None
+) -> str:
     """One self-contained HTML page.
 
     ``metrics``: as written to metrics.json (optionally with ``thresholds``, the model's thresholds dict,
     ``dataset`` and ``config``); ``rows``: one dict per test image (``path``, ``score``, ``label``,
     ``defect_type``, optionally ``is_anomalous``); ``curves``: optional ``"pro"`` ``{"fpr", "pro", "max_fpr"}``
     (the ROC is computed from the rows); ``examples``: rows with ``kind`` ("false positive" or
-    "false negative") and uint8 ``image`` / ``overlay`` arrays (see :func:`build_examples`).
+    "false negative") and uint8 ``image`` / ``overlay`` arrays (see :class:`ExampleCollector`).
     """
     threshold = metrics.get("threshold")
     name = metrics.get("dataset")
     heading = title or ("PatchCore evaluation" + (f": {name}" if name else ""))
     plots = []
     for png, caption in (
-        (roc_plot(rows, metrics), "Image-level ROC over all test images; thin lines: each defect type against the good images."),
-        (pro_plot((curves or {}).get("pro"), metrics), "Per-region overlap against the pixel false positive rate, at the model's input resolution."),
-        (histogram_plot(rows, threshold), "Image scores of the good and defective test images"
-         + (" with the image threshold (dashed)." if threshold is not None else ".")),
+        (
+            roc_plot(rows, metrics),
+            "Image-level ROC over all test images; thin lines: each defect type against the good images.",
+        ),
+        (
+            pro_plot((curves or {}).get("pro"), metrics),
+            "Per-region overlap against the pixel false positive rate, at the model's input resolution.",
+        ),
+        (
+            histogram_plot(rows, threshold),
+            "Image scores of the good and defective test images"
+            + (" with the image threshold (dashed)." if threshold is not None else "."),
+        ),
     ):
         if png is not None:
             plots.append(f"<figure>{_img(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -346,33 +419,47 @@ def render_report(metrics: dict, rows: list[dict], curves: dict, examples: list[
     overlay_note = "Each pair: the image, then its anomaly map over it (blue = normal, red = anomalous"
     ranged = next((e for e in examples if e.get("vmax") is not None), None)
     pixel_threshold = (metrics.get("thresholds") or {}).get("pixel")
-    overlay_note += (", white outline = pixels at or above the pixel threshold)." if pixel_threshold is not None else ").")
+    overlay_note += (
+        ", white outline = pixels at or above the pixel threshold)." if pixel_threshold is not None else ")."
+    )
     if ranged is not None:
-        overlay_note += "<br>Colour scale (anomaly map value), the same for every picture: " + _colorbar(float(ranged["vmin"]), float(ranged["vmax"]))
+        overlay_note += "<br>Colour scale (anomaly map value), the same for every picture: " + _colorbar(
+            float(ranged["vmin"]), float(ranged["vmax"])
+        )
     config = metrics.get("config")
     config_block = (
         f"<details><summary>Model settings</summary><pre>{html.escape(_json(config))}</pre></details>" if config else ""
     )
     n_good = sum(1 for r in rows if int(r["label"]) == 0)
     n_bad = len(rows) - n_good
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(heading)}</title>",
-        f"<style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(heading)}</h1>",
-        f'<p class="sub">{n_good} good and {n_bad} defective test images. Scores: higher = more anomalous.</p>',
-        "<h2>Metrics</h2>",
-        metrics_table(metrics),
-        config_block,
-        "<h2>Curves and score distributions</h2>",
-        '<div class="plots">' + "\n".join(plots) + "</div>",
-        _examples_section("Worst false positives", "The highest-scoring <b>good</b> images, worst first. " + overlay_note, false_positives),
-        _examples_section("Worst false negatives", "The lowest-scoring <b>defective</b> images, worst first. " + overlay_note, false_negatives),
-        "</body></html>",
-        "",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{html.escape(heading)}</title>",
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>{html.escape(heading)}</h1>",
+            f'<p class="sub">{n_good} good and {n_bad} defective test images. Scores: higher = more anomalous.</p>',
+            "<h2>Metrics</h2>",
+            metrics_table(metrics),
+            config_block,
+            "<h2>Curves and score distributions</h2>",
+            '<div class="plots">' + "\n".join(plots) + "</div>",
+            _examples_section(
+                "Worst false positives",
+                "The highest-scoring <b>good</b> images, worst first. " + overlay_note,
+                false_positives,
+            ),
+            _examples_section(
+                "Worst false negatives",
+                "The lowest-scoring <b>defective</b> images, worst first. " + overlay_note,
+                false_negatives,
+            ),
+            "</body></html>",
+            "",
+        ]
+    )
 
 
 def _json(value: Any) -> str:

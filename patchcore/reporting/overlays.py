@@ -13,7 +13,9 @@ centres the range on the pixel threshold t: ``(0.75 t, 1.25 t)``, so t is the mi
 normal texture is blue to cyan and only scores above t turn yellow to red (beyond 1.25 t: saturated red).
 Without a pixel threshold it centres on the image threshold likewise (image scores are on the same
 distance scale); without any threshold it is the minimum to the maximum map value over the run. Where a
-pixel threshold exists, the outline of the region at or above it is drawn in white.
+pixel threshold exists, the outline of the region at or above it is drawn in white. Standardised maps
+(ensembles: standard deviations of good pixels, of any sign) are centred on the pixel threshold t as
+``(t - 2, t + 2)``; image thresholds are on another scale there and are not used.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..detectors.base import Thresholds
 from ..imaging import Geometry, TiledGeometry, load_image, map_to_original
 from ..persistence import write_bytes
 
@@ -48,7 +51,8 @@ _ANCHORS = np.array(
 _POSITIONS = np.linspace(0.0, 1.0, 256)
 _COLORMAP = np.stack([np.interp(_POSITIONS, _ANCHORS[:, 0], _ANCHORS[:, c]) for c in (1, 2, 3)], axis=-1)
 CONTOUR_COLOR = (255, 255, 255)
-RANGE_HALF_WIDTH = 0.25  # colour range: threshold x (1 -/+ this)
+RANGE_HALF_WIDTH = 0.25  # colour range of distances: threshold x (1 -/+ this)
+STANDARDIZED_HALF_WIDTH = 2.0  # colour range of standardised maps: threshold -/+ this many standard deviations
 
 
 def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -62,11 +66,7 @@ def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
 def _shift_and(region: np.ndarray) -> np.ndarray:
     """One step of binary erosion with a 3 x 3 cross (pixels outside the image count as set)."""
     padded = np.pad(region, 1, mode="edge")
-    return (
-        region
-        & padded[:-2, 1:-1] & padded[2:, 1:-1]
-        & padded[1:-1, :-2] & padded[1:-1, 2:]
-    )
+    return region & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
 
 
 def region_outline(region: np.ndarray, width: int = 1) -> np.ndarray:
@@ -124,15 +124,25 @@ def overlay_range(
     image_threshold: float | None = None,
     run_max: float | None = None,
     run_min: float | None = None,
+    scale: str = "distance",
 ) -> tuple[float, float] | None:
     """The fixed colour range (vmin, vmax) for a run; None when it needs the run's values and none are given.
 
-    ``(0.75 t, 1.25 t)`` for t = the pixel threshold, else the image threshold; else ``(run_min, run_max)``
-    (``run_min`` defaults to 0).
+    Distances (``scale="distance"``): ``(0.75 t, 1.25 t)`` for t = the pixel threshold, else the image
+    threshold. Standardised maps (``scale="standardized"``): ``(t - 2, t + 2)`` for t = the pixel threshold.
+    Otherwise ``(run_min, run_max)`` (``run_min`` defaults to 0).
+
+    >>> overlay_range(2.0), overlay_range(None, None, 5.0, 1.0), overlay_range(-0.5, scale="standardized")
+    ((1.5, 2.5), (1.0, 5.0), (-2.5, 1.5))
     """
-    for reference in (pixel_threshold, image_threshold):
-        if reference is not None and reference > 0:
-            return (1.0 - RANGE_HALF_WIDTH) * float(reference), (1.0 + RANGE_HALF_WIDTH) * float(reference)
+    if scale == "standardized":
+        if pixel_threshold is not None:
+            t = float(pixel_threshold)
+            return t - STANDARDIZED_HALF_WIDTH, t + STANDARDIZED_HALF_WIDTH
+    else:
+        for reference in (pixel_threshold, image_threshold):
+            if reference is not None and reference > 0:
+                return (1.0 - RANGE_HALF_WIDTH) * float(reference), (1.0 + RANGE_HALF_WIDTH) * float(reference)
     if run_max is None:
         return None
     low = 0.0 if run_min is None else float(run_min)
@@ -163,7 +173,11 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def render_overlay(
-    image: Any, input_map: np.ndarray, geometry: Geometry | TiledGeometry, vrange: tuple[float, float], threshold: float | None
+    image: Any,
+    input_map: np.ndarray,
+    geometry: Geometry | TiledGeometry,
+    vrange: tuple[float, float],
+    threshold: float | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An image (path or array) and its map at input resolution -> (image (H, W, 3) float, map on the
     original image (H, W), heatmap overlay (H, W, 3) uint8), the one drawing of every overlay and report."""
@@ -174,11 +188,13 @@ def render_overlay(
 
 
 class RunRange:
-    """The smallest and largest map value seen over a run, and the run's fixed colour range from them."""
+    """The colour range of a run: from the detector's thresholds, else the smallest to the largest map value
+    seen. ``scale`` is the detector's ``score_scale`` ("distance" or "standardized")."""
 
-    def __init__(self, thresholds: Any = None) -> None:
-        self.pixel_threshold = getattr(thresholds, "pixel", None)
-        self.image_threshold = getattr(thresholds, "image", None)
+    def __init__(self, thresholds: Thresholds | None = None, scale: str = "distance") -> None:
+        self.pixel_threshold = thresholds.pixel if thresholds is not None else None
+        self.image_threshold = thresholds.image if thresholds is not None else None
+        self.scale = scale
         self.low = np.inf
         self.high = -np.inf
 
@@ -189,11 +205,13 @@ class RunRange:
     @property
     def fixed(self) -> tuple[float, float] | None:
         """The range known before any map: from the thresholds (None without thresholds)."""
-        return overlay_range(self.pixel_threshold, self.image_threshold)
+        return overlay_range(self.pixel_threshold, self.image_threshold, scale=self.scale)
 
     def range(self) -> tuple[float, float]:
-        """The run's range: from the thresholds, else the smallest to the largest value seen."""
-        return self.fixed or overlay_range(None, None, self.high, self.low) or (0.0, 1.0)
+        """The run's range: from the thresholds, else the smallest to the largest value seen (call after
+        :meth:`see` has seen the maps)."""
+        fixed = self.fixed
+        return fixed if fixed is not None else (self.low, self.high if self.high > self.low else self.low + 1.0)
 
 
 class OverlayWriter:
@@ -206,9 +224,9 @@ class OverlayWriter:
     Masks need the pixel threshold; without one they are skipped with one warning.
     """
 
-    def __init__(self, out: str | os.PathLike, thresholds: Any) -> None:
+    def __init__(self, out: str | os.PathLike, thresholds: Thresholds | None, scale: str = "distance") -> None:
         self.out = Path(out)
-        self.range = RunRange(thresholds)
+        self.range = RunRange(thresholds, scale)
         self.pixel_threshold = self.range.pixel_threshold
         self.pending: list[tuple[Any, Path, np.ndarray, Any]] = []
         self.written = 0
@@ -218,7 +236,9 @@ class OverlayWriter:
                 "(fit with --threshold-fpr or --pixel-threshold to get OUT/masks/)"
             )
 
-    def add(self, image: Any, relative: str | os.PathLike, amap: np.ndarray, geometry: Any, *, path: Any = None) -> None:
+    def add(
+        self, image: Any, relative: str | os.PathLike, amap: np.ndarray, geometry: Any, *, path: Any = None
+    ) -> None:
         """``image``: a path or (H, W, 3) array; ``relative``: the picture's name under overlays/ and masks/;
         ``path``: the image's file, kept instead of its pixels when the writing has to wait for the run's end."""
         relative = Path(relative).with_suffix(".png")

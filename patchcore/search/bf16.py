@@ -121,8 +121,9 @@ class FilteredExactIndex:
 
     ``chunk_size`` bounds the queries handled at once (as in ``knn``); the filter also works in blocks of
     about ``block_elements`` distances (4M ran ~10% faster than 2M or 1M on banks of 4,608 and 15,680 rows,
-    2 threads). ``max_candidates``: queries with more shortlisted rows than this go to the plain fp32 path. ``use_bf16``: None detects native bf16
-    support (and checks the kernel's accumulation once); False always uses ``knn``.
+    2 threads). ``max_candidates``: queries with more shortlisted rows than this go to the plain fp32 path.
+    ``use_bf16``: None detects native bf16 support (and checks the kernel's accumulation once); False always
+    uses ``knn``.
     """
 
     def __init__(

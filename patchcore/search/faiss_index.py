@@ -27,8 +27,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..errors import PatchCoreError
 from ..core.knn import knn, squared_norms
+from ..errors import PatchCoreError
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -145,8 +145,10 @@ class FaissIndex:
         self.index = index
 
     def __repr__(self) -> str:
-        extra = {"ivf": f", nlist={self.nlist}, nprobe={self.nprobe}",
-                 "hnsw": f", hnsw_m={self.hnsw_m}, ef_search={self.ef_search}"}.get(self.kind, "")
+        extra = {
+            "ivf": f", nlist={self.nlist}, nprobe={self.nprobe}",
+            "hnsw": f", hnsw_m={self.hnsw_m}, ef_search={self.ef_search}",
+        }.get(self.kind, "")
         return f"FaissIndex(kind={self.kind!r}, size={self.size}, dim={self.dim}{extra})"
 
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

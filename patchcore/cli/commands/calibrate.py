@@ -16,18 +16,28 @@ logger = logging.getLogger("patchcore")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT_MODEL", help="model file to write (may equal MODEL)")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="OUT_MODEL", help="model file to write (may equal MODEL)"
+    )
     how = parser.add_mutually_exclusive_group(required=True)
-    how.add_argument("--fpr", type=float, metavar="RATE", help="flag this share of the --good images (and of their pixels)")
+    how.add_argument(
+        "--fpr", type=float, metavar="RATE", help="flag this share of the --good images (and of their pixels)"
+    )
     how.add_argument("--f1", action="store_true", help="F1-optimal image threshold on --good and --defective images")
     how.add_argument("--threshold", type=float, metavar="VALUE", help="image threshold by hand")
-    parser.add_argument("--pixel-threshold", type=float, metavar="VALUE", help="pixel threshold by hand (with --threshold)")
+    parser.add_argument(
+        "--pixel-threshold", type=float, metavar="VALUE", help="pixel threshold by hand (with --threshold)"
+    )
     parser.add_argument("--good", metavar="DIR", help="good images not used in fit")
     parser.add_argument("--defective", metavar="DIR", help="defective images (for --f1)")
     add_runtime_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pixel_threshold is not None and args.threshold is None:
+        raise PatchCoreError(
+            "--pixel-threshold goes with --threshold (both by hand); --fpr sets both from --good images"
+        )
     detector = load_detector(args.model, args)
     if args.threshold is not None:
         detector.set_threshold(args.threshold, args.pixel_threshold)

@@ -11,8 +11,17 @@ from ...errors import PatchCoreError
 from ...evaluation.evaluate import evaluate
 from ...reporting.files import write_csv, write_json, write_text
 from ...reporting.overlays import OverlayWriter, sample_names
-from ..options import OVERLAY_HELP, RESULT_KEYS, add_config_flags, add_folder_flags, add_runtime_flags, dataset_from_args
-from ..options import load_detector, make_detector, refuse_model_settings
+from ..options import (
+    OVERLAY_HELP,
+    RESULT_KEYS,
+    add_config_flags,
+    add_folder_flags,
+    add_runtime_flags,
+    dataset_from_args,
+    load_detector,
+    make_detector,
+    refuse_model_settings,
+)
 
 NAME = "evaluate"
 HELP = "fit on the training split (or load --model) and evaluate on the test split"
@@ -24,11 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_folder_flags(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--model", metavar="MODEL", help="evaluate this model instead of fitting one")
-    parser.add_argument("--overlays", action="store_true", help=f"write OUT/overlays/<defect type>/<file name>.png: {OVERLAY_HELP}")
     parser.add_argument(
-        "--report", action="store_true",
+        "--overlays", action="store_true", help=f"write OUT/overlays/<defect type>/<file name>.png: {OVERLAY_HELP}"
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
         help="write OUT/report.html, one self-contained page: metrics, ROC and PRO curves, score histograms, "
-             "the worst false positives and false negatives with their overlays",
+        "the worst false positives and false negatives with their overlays",
     )
     add_config_flags(parser)
     add_runtime_flags(parser)
@@ -37,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     dataset = dataset_from_args(args)
     if not dataset.test:
-        raise PatchCoreError(f"{args.data}: no test split to evaluate; use an MVTec-layout folder with test/<type>/ images, or 'textile'")
+        raise PatchCoreError(
+            f"{args.data}: no test split to evaluate; use an MVTec-layout folder with test/<type>/ images, or 'textile'"
+        )
     if args.model:
         refuse_model_settings(args, "--model takes its settings from the model file")
         detector = load_detector(args.model, args)
@@ -46,13 +60,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     watchers = []
     if args.overlays:
-        overlays = OverlayWriter(out, detector.thresholds_)
+        overlays = OverlayWriter(out, detector.thresholds_, detector.score_scale)
         names = sample_names(dataset.test)
         watchers.append(lambda i, sample, score, amap, geometry: overlays.add(sample.path, names[i], amap, geometry))
     if args.report:
         from ...reporting.html import ExampleCollector
 
-        examples = ExampleCollector(detector.thresholds_)
+        examples = ExampleCollector(detector.thresholds_, scale=detector.score_scale)
         watchers.append(examples.add)
 
     def on_map(*seen) -> None:
@@ -65,9 +79,12 @@ def run(args: argparse.Namespace) -> int:
         overlays.finish()
     metrics["config"] = detector.describe()
     write_csv(out / "scores.csv", [*RESULT_KEYS, "label", "defect_type"], rows)
-    write_text(out / "results.jsonl", "".join(
-        json.dumps({key: row.get(key) for key in (*RESULT_KEYS, "label", "defect_type")}) + "\n" for row in rows
-    ))
+    write_text(
+        out / "results.jsonl",
+        "".join(
+            json.dumps({key: row.get(key) for key in (*RESULT_KEYS, "label", "defect_type")}) + "\n" for row in rows
+        ),
+    )
     write_json(out / "metrics.json", metrics)
     if args.report:
         from ...reporting.html import render_report

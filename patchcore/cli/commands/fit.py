@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..options import add_config_flags, add_folder_flags, add_runtime_flags, dataset_from_args, load_detector
-from ..options import make_detector, refuse_model_settings
+from ..options import (
+    add_config_flags,
+    add_folder_flags,
+    add_runtime_flags,
+    dataset_from_args,
+    load_detector,
+    make_detector,
+    refuse_model_settings,
+)
 
 NAME = "fit"
 HELP = "fit a model on good images"
@@ -14,10 +21,19 @@ logger = logging.getLogger("patchcore")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", nargs="?", help="MVTec/MPDD/BTAD or VisA category (its training images), a folder of good images, or 'textile'")
+    parser.add_argument(
+        "data",
+        metavar="DATA",
+        nargs="?",
+        help="MVTec/MPDD/BTAD or VisA category (its training images), a folder of good images, or 'textile'",
+    )
     add_folder_flags(parser)
     parser.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
-    parser.add_argument("--add", metavar="MODEL", help="add DATA's good images to this fitted model or ensemble (incremental; may equal -o)")
+    parser.add_argument(
+        "--add",
+        metavar="MODEL",
+        help="add DATA's good images to this fitted model or ensemble (incremental; may equal -o)",
+    )
     add_config_flags(parser)
     add_runtime_flags(parser)
 
@@ -33,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     stats = detector.fit_stats_
     logger.info(
         "fitted on %d images in %.1f s: memory bank %d of %d patches; wrote %s",
-        detector.n_train_, stats["fit_seconds"], detector.memory_bank_size, stats["full_bank_size"], args.output,
+        detector.n_train_,
+        stats["fit_seconds"],
+        detector.memory_bank_size,
+        stats["full_bank_size"],
+        args.output,
     )
     return 0

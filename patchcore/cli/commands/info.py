@@ -1,11 +1,12 @@
-"""``patchcore info``: print a model file's header (settings, provenance, training facts, thresholds)."""
+"""``patchcore info``: print a verified model file's header (settings, provenance, training facts, thresholds),
+with the settings as this version reads them."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from ...persistence import read_header
+from ...persistence import read_document
 
 NAME = "info"
 HELP = "print a model file's settings and provenance"
@@ -16,5 +17,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(json.dumps(read_header(args.model), indent=2, sort_keys=True))
+    print(json.dumps(read_document(args.model), indent=2, sort_keys=True))
     return 0

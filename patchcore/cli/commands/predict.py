@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--maps", action="store_true", help="write OUT/maps/<relative path>.npy anomaly maps")
-    parser.add_argument("--overlays", action="store_true", help=f"write OUT/overlays/<relative path>.png: {OVERLAY_HELP}")
+    parser.add_argument(
+        "--overlays", action="store_true", help=f"write OUT/overlays/<relative path>.png: {OVERLAY_HELP}"
+    )
     add_runtime_flags(parser)
 
 
@@ -48,7 +50,9 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
     seen: dict[Path, Path] = {}
     for image, relative in found:
         if relative in seen and seen[relative] != image:
-            raise PatchCoreError(f"{image} and {seen[relative]} would write the same map name {relative}: predict them separately")
+            raise PatchCoreError(
+                f"{image} and {seen[relative]} would write the same map name {relative}: predict them separately"
+            )
         seen[relative] = image
     return found
 
@@ -60,16 +64,19 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     failed = 0
     batch: list[tuple[Path, Path, np.ndarray]] = []
-    overlays = OverlayWriter(out, detector.thresholds_) if args.overlays else None
+    overlays = OverlayWriter(out, detector.thresholds_, detector.score_scale) if args.overlays else None
     with_maps = args.maps or overlays is not None
 
     def flush() -> None:
         results = detector.infer([image for _, _, image in batch], maps=with_maps)
         for (path, relative, image), result in zip(batch, results):
             if args.maps:
-                write_npy(out / "maps" / relative.with_suffix(".npy"), map_to_original(result.input_map, result.geometry).astype(np.float32))
+                write_npy(
+                    out / "maps" / relative.with_suffix(".npy"),
+                    map_to_original(result.map(), result.geometry).astype(np.float32),
+                )
             if overlays is not None:
-                overlays.add(image, relative, result.input_map, result.geometry, path=path)
+                overlays.add(image, relative, result.map(), result.geometry, path=path)
             rows.append({"path": str(path), "score": result.score, **detector.decide(result.score), "error": ""})
         batch.clear()
 
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"patchcore: error: {exc}", file=sys.stderr)
             rows.append({"path": str(path), "score": None, "error": str(exc)})
-        if len(batch) >= (args.batch_size or 32):
+        if len(batch) >= detector.resolved_batch_size():
             flush()
     if batch:
         flush()
@@ -89,11 +96,19 @@ def run(args: argparse.Namespace) -> int:
     order = {str(p): i for i, (p, _) in enumerate(inputs)}
     rows.sort(key=lambda row: order[row["path"]])
     write_csv(out / "scores.csv", [*RESULT_KEYS, "error"], rows)
-    write_text(out / "results.jsonl", "".join(
-        json.dumps({**{key: row.get(key) for key in RESULT_KEYS}, "error": row.get("error") or None}) + "\n" for row in rows
-    ))
+    write_text(
+        out / "results.jsonl",
+        "".join(
+            json.dumps({**{key: row.get(key) for key in RESULT_KEYS}, "error": row.get("error") or None}) + "\n"
+            for row in rows
+        ),
+    )
     logger.info("scored %d of %d images; wrote %s", len(rows) - failed, len(rows), out / "scores.csv")
     if failed:
-        print(f"patchcore: error: {failed} of {len(rows)} images could not be read (see the error column of {out / 'scores.csv'})", file=sys.stderr)
+        where = out / "scores.csv"
+        print(
+            f"patchcore: error: {failed} of {len(rows)} images could not be read (see the error column of {where})",
+            file=sys.stderr,
+        )
         return EXIT_PARTIAL
     return 0
