@@ -135,7 +135,8 @@ def run(make_adapter) -> None:
         if paths:
             for size in (1, 32):
                 predict, backbone = time_predict_and_backbone(
-                    adapter, paths[: timing[f"n_b{size}"]], size, timing[f"repeats_b{size}"])
+                    adapter, paths[: timing[f"n_b{size}"]], size, timing[f"repeats_b{size}"]
+                )
                 result[f"predict_b{size}_seconds"], result[f"backbone_b{size}_seconds"] = predict, backbone
             result["load_seconds_per_image"] = time_load(adapter, paths[: timing["n_b32"]], timing["repeats_b32"])
         result["peak_rss_mib"] = peak_rss_mib()

@@ -50,13 +50,14 @@ class _Batches:
 class OfficialAdapter:
     def __init__(self, job: dict) -> None:
         sys.path.insert(0, os.path.join(job["official_path"], "src"))
-        import patchcore.common
-        import patchcore.patchcore
-        import patchcore.sampler
         import timm
         import torch
         from PIL import Image
         from torchvision import transforms
+
+        import patchcore.common
+        import patchcore.patchcore
+        import patchcore.sampler
 
         if job["normalization"] != "imagenet":
             raise ValueError("the official MVTec loader always uses ImageNet mean/std")
@@ -64,8 +65,12 @@ class OfficialAdapter:
         self.batch = job["train_batch"]
         mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
         self.transform = transforms.Compose(
-            [transforms.Resize(job["resize"]), transforms.CenterCrop(job["crop"]), transforms.ToTensor(),
-             transforms.Normalize(mean=mean, std=std)]
+            [
+                transforms.Resize(job["resize"]),
+                transforms.CenterCrop(job["crop"]),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=mean, std=std),
+            ]
         )
         # Its backbones.load() would download weights; build the same timm model and fill it offline.
         backbone = timm.create_model(job["timm_backbone"], pretrained=False)
