@@ -6,8 +6,12 @@ Command-line flags map one to one onto these fields (``--coreset-ratio`` -> ``co
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .core.scoring_modes import DEFAULT_SCORING, SCORING_MODES, scoring_rule
 from .errors import PatchCoreError
@@ -88,6 +92,7 @@ class PatchCoreConfig:
     pixel_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
         _one_of("scoring", self.scoring, SCORING_MODES)
@@ -131,6 +136,8 @@ class PatchCoreConfig:
                 raise PatchCoreError(f"{name}={value} must be positive (scores are distances)")
         if self.sigma < 0:
             raise PatchCoreError("sigma must be >= 0 (0 disables smoothing)")
+        if self.seed < 0:
+            raise PatchCoreError(f"seed={self.seed} must be a non-negative whole number")
 
     @property
     def input_size(self) -> int:
@@ -159,6 +166,72 @@ class PatchCoreConfig:
                 f"unknown setting(s) {', '.join(unknown)}: known settings are {', '.join(sorted(known))}"
             )
         return cls(**data)
+
+
+# Every setting's kind and, for numbers, the largest sane value (bounds below are checked field by field in
+# __post_init__). A value of another type, a non-finite float or one past its bound is refused with the
+# field's name, whether it comes from a flag, a config file or a model file's header.
+_LIMITS: dict[str, tuple[str, float | None]] = {
+    "backbone": ("str", None),
+    "layers": ("layers", None),
+    "weights": ("str", None),
+    "normalization": ("str", None),
+    "resize": ("int", 8192),
+    "crop": ("int", 8192),
+    "keep_aspect": ("bool", None),
+    "tile_size": ("int", 65536),
+    "tile_overlap": ("float", None),
+    "tile_scale": ("float", None),
+    "patch_size": ("int", 63),
+    "target_dim": ("int", 65536),
+    "coreset_method": ("str", None),
+    "coreset_ratio": ("float", None),
+    "coreset_size": ("int", 2**31 - 1),
+    "projection_dim": ("int", 4096),
+    "max_bank_memory": ("int", 2**24),
+    "scoring": ("str", None),
+    "num_neighbors": ("int", 1024),
+    "k": ("int", 1024),
+    "image_top_k": ("int", 2**20),
+    "sigma": ("float", 256.0),
+    "seed": ("int", 2**32 - 1),
+    "threshold_fpr": ("float", None),
+    "calibration_share": ("float", None),
+    "threshold": ("float", None),
+    "pixel_threshold": ("float", None),
+}
+_KIND_WORDS = {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true or false"}
+
+
+def _check_types(config: PatchCoreConfig) -> None:
+    """Refuse values of the wrong type, non-finite numbers and numbers past their field's sane maximum."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        kind, high = _LIMITS[field.name]
+        if value is None and field.default is None:
+            continue
+        if kind == "layers":
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+                raise PatchCoreError(f"layers={value!r} must be a list of layer names, e.g. blocks.2 blocks.3")
+            if not all(isinstance(layer, str) and layer for layer in value):
+                raise PatchCoreError(f"layers={list(value)!r} must hold layer names (strings), e.g. blocks.2")
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+        fits = {
+            "str": isinstance(value, str),
+            "bool": isinstance(value, (bool, np.bool_)),
+            "int": number and isinstance(value, numbers.Integral),
+            "float": number,
+        }[kind]
+        if not fits:
+            raise PatchCoreError(f"{field.name}={value!r} must be {_KIND_WORDS[kind]}")
+        if kind == "float" and not math.isfinite(value):
+            raise PatchCoreError(f"{field.name}={value!r} must be a finite number")
+        plain = {"bool": bool, "int": int, "float": float}.get(kind)
+        if plain is not None and type(value) not in (plain, int):  # numpy scalars become plain Python values
+            object.__setattr__(config, field.name, plain(value))
+        if high is not None and value > high:
+            raise PatchCoreError(f"{field.name}={value!r} is too large: at most {high:g}")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

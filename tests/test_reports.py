@@ -91,7 +91,7 @@ def test_save_png_round_trips_and_leaves_no_temporary(tmp_path):
 def test_overlay_writer_without_thresholds_waits_for_the_run_maximum(tmp_path, fitted, rng_images):
     writer = OverlayWriter(tmp_path, fitted.thresholds_)
     for i, result in enumerate(fitted.infer(rng_images[:2])):
-        writer.add(rng_images[i], f"img{i}.jpg", result.input_map, result.geometry)
+        writer.add(rng_images[i], f"img{i}", result.input_map, result.geometry)
     assert not (tmp_path / "overlays").exists()
     writer.finish()
     pictures = sorted(p.name for p in (tmp_path / "overlays").iterdir())
@@ -105,7 +105,7 @@ def test_sample_names_are_unique():
         Sample(Path("b/x.png"), 0, "good"),
         Sample(Path("c/x.png"), 1, "hole"),
     ]
-    assert sample_names(samples) == [Path("good/x.png"), Path("good/x_1.png"), Path("hole/x.png")]
+    assert sample_names(samples) == [Path("good/x"), Path("good/x_1"), Path("hole/x")]
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -239,7 +239,7 @@ def test_example_collector_keeps_the_worst_images_only_and_draws_them_like_the_o
     assert examples[1]["path"] == min(bad, key=lambda r: r["score"])["path"]
     for example in examples:
         name = names[[str(p) for p in paths].index(example["path"])]
-        written = np.asarray(Image.open(tmp_path / "out" / "overlays" / name.with_suffix(".png")))
+        written = np.asarray(Image.open(tmp_path / "out" / "overlays" / name.with_name(name.name + ".png")))
         np.testing.assert_array_equal(example["overlay"], thumbnail(written, 256))
 
 

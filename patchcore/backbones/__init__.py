@@ -92,7 +92,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any parse failure means the same thing to the user
-        raise PatchCoreError(f"cannot read weights file {path} ({exc}): is it a PyTorch state dict?") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PatchCoreError(f"cannot read weights file {path} ({first}): is it a PyTorch state dict?") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

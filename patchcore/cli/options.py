@@ -15,6 +15,7 @@ from ..core.scoring_modes import SCORING_MODES
 from ..datasets import Dataset
 from ..detectors import Detector, PatchCore, PatchCoreEnsemble, load
 from ..errors import PatchCoreError
+from ..imaging import DEFAULT_MAX_PIXELS
 from ..search import SEARCH_BACKENDS
 
 CHOICES = {"scoring": SCORING_MODES, "coreset_method": CORESET_METHODS, "normalization": NORMALIZATIONS}
@@ -89,9 +90,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:
-        raise PatchCoreError(
-            f"{file}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} ({exc})"
-        ) from exc
+        what = "JSON" if file.suffix.lower() == ".json" else "YAML"
+        raise PatchCoreError(f"{file}: not valid {what} ({' '.join(str(exc).split())})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -139,10 +139,23 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
         help="nearest-neighbour backend (default: exact, through a bf16 shortlist where the CPU has native bf16; "
         "exact-fp32: plain fp32 GEMM; faiss-* need pip install 'patchcore[faiss]'; ivf/hnsw are approximate)",
     )
+    group.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"refuse image files of more pixels, e.g. decompression bombs (default: {DEFAULT_MAX_PIXELS:,})",
+    )
 
 
 def runtime_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"device": args.device, "batch_size": args.batch_size, "search": args.search, "progress": True}
+    return {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "search": args.search,
+        "progress": True,
+        "max_pixels": args.max_pixels,
+    }
 
 
 def load_detector(path: str, args: argparse.Namespace) -> Detector:
@@ -179,3 +192,14 @@ def dataset_from_args(args: argparse.Namespace) -> Dataset:
     if not args.data:
         raise PatchCoreError("name the data: DATA (a folder or 'textile') or --good DIR")
     return open_dataset(args.data)
+
+
+def check_output_folder(out: Path, protected: list[Path]) -> None:
+    """OUT must be a folder, or not exist yet, and must not be the model or an input (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise PatchCoreError(f"{out}: exists and is not a folder: -o names the output folder, e.g. runs/predict")
+    for path in protected:
+        if path.exists() and path.resolve() == out.resolve():
+            raise PatchCoreError(
+                f"{out}: is also an input or the model: choose another output folder, e.g. runs/predict"
+            )

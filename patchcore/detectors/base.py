@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 D = TypeVar("D", bound="Detector")
 
 #: Settings that change how fast a detector runs, never its results (constructor and ``load`` keywords).
-RUNTIME = ("device", "batch_size", "chunk_size", "search", "progress")
+RUNTIME = ("device", "batch_size", "chunk_size", "search", "progress", "max_pixels")
 DEFAULT_BATCH_SIZE = 32
 
 

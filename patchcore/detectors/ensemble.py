@@ -18,7 +18,7 @@ import numpy as np
 from ..config import PatchCoreConfig
 from ..core.thresholds import split_calibration
 from ..errors import PatchCoreError
-from ..imaging import ImageLike, load_image
+from ..imaging import DEFAULT_MAX_PIXELS, ImageLike, load_image
 from ..persistence import DetectorState
 from ..persistence.model_file import ENSEMBLE_KIND, SINGLE_KIND
 from .base import RUNTIME, Detector, Inference, Thresholds, header_dict, not_fitted
@@ -63,6 +63,7 @@ class PatchCoreEnsemble(Detector):
         chunk_size: int | None = None,
         search: str = "exact",
         progress: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.members = members
         self.calibration_share = calibration_share
@@ -75,6 +76,7 @@ class PatchCoreEnsemble(Detector):
         self.chunk_size = chunk_size
         self.search = search
         self.progress = progress
+        self.max_pixels = max_pixels
 
     # ------------------------------------------------------------------ scikit-learn parameters
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -180,7 +182,9 @@ class PatchCoreEnsemble(Detector):
         images = list(images)
         size = self.resolved_batch_size()
         for start in range(0, len(images), size):
-            chunk = [load_image(image) for image in images[start : start + size]]  # decoded once for all members
+            chunk = [
+                load_image(image, self.max_pixels) for image in images[start : start + size]
+            ]  # decoded once for all members
             outputs = [list(model.infer(chunk, maps=maps)) for model in self.models_]
             for i in range(len(chunk)):
                 score = np.mean([(out[i].score - mu) / sd for out, (mu, sd) in zip(outputs, self.score_stats_)])

@@ -31,6 +31,7 @@ from ..core.scoring import image_score, patch_scores
 from ..core.thresholds import split_calibration
 from ..errors import PatchCoreError
 from ..imaging import (
+    DEFAULT_MAX_PIXELS,
     Geometry,
     ImageLike,
     TiledGeometry,
@@ -54,7 +55,8 @@ class PatchCore(Detector):
 
     ``PatchCore(config=None, **settings)``: settings are :class:`PatchCoreConfig` fields and override
     ``config``. ``device``, ``batch_size``, ``chunk_size``, ``search`` and ``progress`` only change how
-    fast it runs, so they are not part of the saved config (``search`` = ``exact``, ``exact-fp32`` or
+    fast it runs (``max_pixels``: image files with more pixels are refused, None for no limit), so they are not
+    part of the saved config (``search`` = ``exact``, ``exact-fp32`` or
     ``faiss-flat`` give the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift
     measured in benchmarks/search_bench.py). ``batch_size`` (None: 32) is the images decoded, searched and
     scored together; on a CPU the backbone runs them in slices of ~200k pixels (see ``Backbone.forward``).
@@ -74,6 +76,7 @@ class PatchCore(Detector):
         chunk_size: int | None = None,
         search: str = "exact",
         progress: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         **settings: Any,
     ) -> None:
         self.config = (config or PatchCoreConfig()).replace(**settings)
@@ -82,6 +85,7 @@ class PatchCore(Detector):
         self.chunk_size = chunk_size
         self.search = search
         self.progress = progress
+        self.max_pixels = max_pixels
 
     # ------------------------------------------------------------------ scikit-learn parameters
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -266,7 +270,8 @@ class PatchCore(Detector):
         return tqdm(total=total, desc=what, unit="patch", disable=None if self.progress else True, leave=False)
 
     def _make_backbone(self) -> Backbone:
-        return create_backbone(self.config.backbone, self.config.layers, self.config.weights).to(self.device)
+        device = checked_device(self.device)
+        return create_backbone(self.config.backbone, self.config.layers, self.config.weights).to(device)
 
     def _use_bank(self, bank: torch.Tensor) -> None:
         """Adopt ``bank`` (M, D) as the memory bank and build its search index."""
@@ -297,7 +302,7 @@ class PatchCore(Detector):
         cfg = self.config
         geometry: Geometry | TiledGeometry
         for image in images:
-            array = load_image(image)
+            array = load_image(image, self.max_pixels)
             if cfg.tile_size is not None:
                 tiled = geometry = tile_geometry(
                     array.shape[:2],
@@ -483,7 +488,7 @@ class PatchCore(Detector):
         if bank.ndim != 2 or bank.dtype != np.float32 or bank.shape[0] < 1:
             raise PatchCoreError(f"{source}: memory bank must be a non-empty (M, D) float32 tensor")
         model = cls(config, **runtime)
-        backbone = create_backbone(config.backbone, config.layers, config.weights).to(model.device)
+        backbone = model._make_backbone()
         if backbone.name != name or list(backbone.layers) != layers:
             raise PatchCoreError(f"{source}: backbone mismatch ({backbone.name} {backbone.layers} vs {name} {layers})")
         if backbone.weights_sha256 != digest:
@@ -515,3 +520,20 @@ class PatchCore(Detector):
         }
         fitted = f", fitted on {self.n_train_} images" if hasattr(self, "n_train_") else ""
         return f"PatchCore({', '.join(f'{k}={v!r}' for k, v in changed.items())}){fitted}"
+
+
+def checked_device(device: str) -> torch.device:
+    """``device`` as a torch device that exists here, or a PatchCoreError that says what to use instead."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise PatchCoreError(
+            f"device {device!r} is not a torch device: use cpu, or cuda on a machine with a GPU"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PatchCoreError(f"device {device!r}: no CUDA GPU is available here: use cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise PatchCoreError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise PatchCoreError(f"device {device!r}: Apple's MPS is not available here: use cpu")
+    return resolved

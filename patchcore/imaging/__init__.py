@@ -3,11 +3,21 @@
 preprocessing is defined once.
 """
 
-from .decode import IMAGE_SUFFIXES, ImageLike, describe, list_images, load_image, read_image_file, read_mask_file
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    ImageLike,
+    describe,
+    list_images,
+    load_image,
+    read_image_file,
+    read_mask_file,
+)
 from .geometry import Geometry, TiledGeometry, geometry_for, map_to_original, mask_to_input, mask_to_map, preprocess
 from .tiling import stitch_maps, tile_coverage, tile_geometry, tile_inputs, tile_positions
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_SUFFIXES",
     "ImageLike",
     "describe",

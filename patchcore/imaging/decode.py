@@ -8,12 +8,13 @@ dropped: the part is what matters, not the background).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import PatchCoreError
 
@@ -29,22 +30,61 @@ def describe(source: Any) -> str:
     return f"{type(source).__name__}{tuple(shape) if shape else ''}"
 
 
-def read_image_file(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file fully into an (H, W, 3) float32 RGB array in [0, 1]."""
+# Images larger than this many pixels are refused (a decompression bomb: a tiny file that claims a huge
+# image); Pillow's own limit is the same, and a larger max_pixels lifts it.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
+def read_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file fully into an (H, W, 3) float32 RGB array in [0, 1], as a viewer shows it.
+
+    The EXIF orientation is applied; 16-bit images are scaled by 65535, float images must hold values in
+    [0, 1]; files of several frames (animations, multi-page TIFFs) and images of more than ``max_pixels``
+    pixels (None: no limit) are refused with the reason.
+    """
     path = Path(path)
     if not path.is_file():
         raise PatchCoreError(f"{path}: no such image file")
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not later
-            return pil_to_array(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says more
+            limit = Image.MAX_IMAGE_PIXELS  # Pillow refuses above twice this: only ever widened, to our limit
+            if limit is not None and (max_pixels is None or max_pixels > 2 * limit):
+                Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise PatchCoreError(
+                        f"{path}: {width} x {height} pixels is more than the limit of {max_pixels:,} (a decompression "
+                        "bomb, or a huge image): raise --max-pixels if it is genuine"
+                    )
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:
+                    raise PatchCoreError(
+                        f"{path}: holds {frames} frames (an animation or a multi-page file): save the frame to "
+                        "score as an image of its own"
+                    )
+                image.load()  # decode now, so a truncated file fails here and not later
+                return pil_to_array(ImageOps.exif_transpose(image) or image)
+    except PatchCoreError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise PatchCoreError(f"{path}: {exc}; raise --max-pixels if the image is genuine") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PatchCoreError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
 
 
 def pil_to_array(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return to_rgb_float(np.asarray(image))
+    """A PIL image -> (H, W, 3) float32 in [0, 1]: 16-bit modes scaled by 65535, float ("F") used as is."""
+    if image.mode.startswith("I;16"):
+        return to_rgb_float(np.asarray(image).astype(np.uint16))
+    if image.mode == "I":  # 32-bit integers: what Pillow gives for some 16-bit files
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise PatchCoreError("32-bit integer images must hold values in [0, 65535] (16-bit): convert them first")
+        return to_rgb_float(values.astype(np.uint16))
+    if image.mode == "F":
+        return to_rgb_float(np.asarray(image, dtype=np.float32))
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.float32) / 255.0
@@ -72,15 +112,18 @@ def to_rgb_float(array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise PatchCoreError("float images must hold finite values in [0, 1]; scale them first")
+            low, high = np.nanmin(array), np.nanmax(array)
+            raise PatchCoreError(
+                f"float images must hold finite values in [0, 1], this one holds [{low:g}, {high:g}]: scale it first"
+            )
         return array.astype(np.float32)
     raise PatchCoreError(f"image arrays of dtype {array.dtype} are not supported: use uint8, uint16 or float in [0, 1]")
 
 
-def load_image(source: ImageLike) -> np.ndarray:
-    """Any accepted image -> (H, W, 3) float32 RGB in [0, 1]."""
+def load_image(source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any accepted image -> (H, W, 3) float32 RGB in [0, 1] (files: see :func:`read_image_file`)."""
     if isinstance(source, (str, os.PathLike)):
-        return read_image_file(source)
+        return read_image_file(source, max_pixels)
     if isinstance(source, Image.Image):
         return pil_to_array(source)
     if isinstance(source, torch.Tensor):

@@ -5,11 +5,20 @@ This layer knows the file format and its versions, never a detector class: detec
 """
 
 from .atomic import atomic_write, write_bytes
-from .model_file import FORMAT_VERSION, DetectorState, read_document, read_header, read_state, write_state
+from .model_file import (
+    FORMAT_VERSION,
+    DetectorState,
+    check_model_target,
+    read_document,
+    read_header,
+    read_state,
+    write_state,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "DetectorState",
+    "check_model_target",
     "atomic_write",
     "read_document",
     "read_header",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import hmac
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -35,7 +36,10 @@ SINGLE_KIND = "patchcore-model"
 ENSEMBLE_KIND = "patchcore-ensemble"
 FORMAT_VERSION = 2
 METADATA_KEY = "patchcore"
-ENVELOPE = ("format", "format_version", "package_version", "created", "tensors", "checksum")
+ENVELOPE = ("format", "format_version", "package_version", "created", "tensors", "checksum", "signature")
+# With a key in this variable, models are signed when written (HMAC-SHA256 of the checksum) and refused when
+# read unless their signature matches: the checksum alone catches damage, the signature catches forgery.
+KEY_VARIABLE = "PATCHCORE_MODEL_KEY"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def checksum(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> st
     """SHA-256 over the canonical JSON header (without its checksum) and each tensor's name, dtype, shape
     and bytes (dtype spelled as torch does, ``torch.float32``, as in every file written so far)."""
     digest = hashlib.sha256()
-    body = {k: v for k, v in header.items() if k != "checksum"}
+    body = {k: v for k, v in header.items() if k not in ("checksum", "signature")}
     digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
@@ -97,11 +101,45 @@ def checksum(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> st
     return digest.hexdigest()
 
 
+def signing_key() -> bytes | None:
+    """The site's model-signing key from :data:`KEY_VARIABLE` (None when unset or empty)."""
+    key = os.environ.get(KEY_VARIABLE)
+    return key.encode() if key else None
+
+
+def signature(key: bytes, digest: str) -> str:
+    """HMAC-SHA256 of a model's checksum under ``key``, hex."""
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- writing
+def check_model_target(path: str | os.PathLike) -> None:
+    """Refuse to write a model over anything but a PatchCore model file: a folder, a symbolic link, a FIFO
+    or device, or a file that is not a model (a mistyped -o must never destroy data)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise PatchCoreError(
+            f"{path}: is a symbolic link: name the file itself ({os.path.realpath(path)}) or another path"
+        )
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise PatchCoreError(f"{path}: is a folder: name a model file, e.g. {path / 'model.safetensors'}")
+    if not path.is_file():
+        raise PatchCoreError(f"{path}: is not a regular file (a FIFO or a device): name a model file")
+    try:
+        read_header(path)
+    except PatchCoreError:
+        raise PatchCoreError(
+            f"{path}: exists and is not a PatchCore model, so it is not overwritten: remove it or choose another name"
+        ) from None
+
+
 def write_state(path: str | os.PathLike, state: DetectorState) -> None:
-    """Write ``state`` to ``path`` atomically, as the current format version."""
+    """Write ``state`` to ``path`` atomically, as the current format version (see :func:`check_model_target`)."""
     from safetensors.numpy import save_file
 
+    check_model_target(path)
     if not state.kind.startswith(KIND_PREFIX):
         raise ValueError(f"detector kind {state.kind!r} must start with {KIND_PREFIX!r}")
     clash = sorted(set(state.meta) & set(ENVELOPE))
@@ -117,6 +155,9 @@ def write_state(path: str | os.PathLike, state: DetectorState) -> None:
         "tensors": {name: {"shape": list(a.shape), "dtype": a.dtype.name} for name, a in tensors.items()},
     }
     header["checksum"] = checksum(header, tensors)
+    key = signing_key()
+    if key is not None:
+        header["signature"] = signature(key, header["checksum"])
     metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -179,6 +220,12 @@ def read_tensors(path: str | os.PathLike, header: Mapping[str, Any]) -> dict[str
         )
     if checksum(header, tensors) != header.get("checksum"):
         raise PatchCoreError(f"{path}: checksum mismatch, the file was edited or damaged: refit or restore it")
+    key = signing_key()
+    if key is not None:
+        if "signature" not in header:
+            raise PatchCoreError(f"{path}: unsigned model, and {KEY_VARIABLE} is set: sign it with 'patchcore sign'")
+        if not hmac.compare_digest(str(header["signature"]), signature(key, str(header["checksum"]))):
+            raise PatchCoreError(f"{path}: the signature does not match {KEY_VARIABLE}: a forged or foreign model")
     return tensors
 
 

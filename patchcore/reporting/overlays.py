@@ -20,6 +20,7 @@ pixel threshold exists, the outline of the region at or above it is drawn in whi
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -32,6 +33,7 @@ from PIL import Image
 from ..detectors.base import Thresholds
 from ..imaging import Geometry, TiledGeometry, load_image, map_to_original
 from ..persistence import write_bytes
+from .files import output_names, with_extension
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ _POSITIONS = np.linspace(0.0, 1.0, 256)
 _COLORMAP = np.stack([np.interp(_POSITIONS, _ANCHORS[:, 0], _ANCHORS[:, c]) for c in (1, 2, 3)], axis=-1)
 CONTOUR_COLOR = (255, 255, 255)
 RANGE_HALF_WIDTH = 0.25  # colour range of distances: threshold x (1 -/+ this)
+MAX_PICTURE_PIXELS = 4096 * 4096  # overlays and masks of larger images are drawn scaled down to this
 STANDARDIZED_HALF_WIDTH = 2.0  # colour range of standardised maps: threshold -/+ this many standard deviations
 
 
@@ -180,8 +183,19 @@ def render_overlay(
     threshold: float | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An image (path or array) and its map at input resolution -> (image (H, W, 3) float, map on the
-    original image (H, W), heatmap overlay (H, W, 3) uint8), the one drawing of every overlay and report."""
-    pixels = load_image(image)
+    image (H, W), heatmap overlay (H, W, 3) uint8), the one drawing of every overlay, mask and report.
+
+    Pictures are drawn at the original size, or for images of more than :data:`MAX_PICTURE_PIXELS` pixels
+    scaled down to that many (so a huge image costs bounded memory).
+    """
+    pixels = load_image(image, max_pixels=None)  # already accepted when it was scored
+    height, width = pixels.shape[:2]
+    scale = min(1.0, (MAX_PICTURE_PIXELS / (height * width)) ** 0.5)
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = Image.fromarray(np.round(pixels * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+        pixels = np.asarray(small, dtype=np.float32) / 255.0
+        geometry = dataclasses.replace(geometry, original=(size[1], size[0]))
     full = map_to_original(np.asarray(input_map, dtype=np.float32), geometry)
     overlay = heatmap_overlay(pixels, full, vmin=vrange[0], vmax=vrange[1], threshold=threshold)
     return pixels, full, overlay
@@ -236,12 +250,11 @@ class OverlayWriter:
                 "(fit with --threshold-fpr or --pixel-threshold to get OUT/masks/)"
             )
 
-    def add(
-        self, image: Any, relative: str | os.PathLike, amap: np.ndarray, geometry: Any, *, path: Any = None
-    ) -> None:
-        """``image``: a path or (H, W, 3) array; ``relative``: the picture's name under overlays/ and masks/;
-        ``path``: the image's file, kept instead of its pixels when the writing has to wait for the run's end."""
-        relative = Path(relative).with_suffix(".png")
+    def add(self, image: Any, name: str | os.PathLike, amap: np.ndarray, geometry: Any, *, path: Any = None) -> None:
+        """``image``: a path or (H, W, 3) array; ``name``: the picture's name under overlays/ and masks/ without
+        ".png" (see :func:`patchcore.reporting.files.output_names`); ``path``: the image's file, kept instead of its
+        pixels when the writing has to wait for the run's end."""
+        relative = with_extension(Path(name), ".png")
         self.range.see(amap)
         if self.range.fixed is None:
             source = path if path is not None else image
@@ -265,15 +278,6 @@ class OverlayWriter:
 
 
 def sample_names(samples: Any) -> list[Path]:
-    """Picture names for test samples: ``<defect type>/<file name>``; a repeated name gets ``_<n>`` appended."""
-    names: list[Path] = []
-    seen: set[Path] = set()
-    for sample in samples:
-        name = Path(str(sample.defect_type)) / Path(sample.path).name
-        candidate, n = name, 1
-        while candidate in seen:
-            candidate = name.with_name(f"{name.stem}_{n}{name.suffix}")
-            n += 1
-        seen.add(candidate)
-        names.append(candidate)
-    return names
+    """Output names of test samples: ``<defect type>/<file name without extension>``, made distinct by
+    :func:`patchcore.reporting.files.output_names`."""
+    return output_names([Path(str(sample.defect_type)) / Path(sample.path).name for sample in samples])

@@ -7,6 +7,7 @@ import logging
 
 from ...datasets import image_folder
 from ...errors import PatchCoreError
+from ...persistence import check_model_target
 from ..options import add_runtime_flags, load_detector
 
 NAME = "calibrate"
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_target(args.output)
     if args.pixel_threshold is not None and args.threshold is None:
         raise PatchCoreError(
             "--pixel-threshold goes with --threshold (both by hand); --fpr sets both from --good images"

@@ -17,6 +17,7 @@ from ..options import (
     add_config_flags,
     add_folder_flags,
     add_runtime_flags,
+    check_output_folder,
     dataset_from_args,
     load_detector,
     make_detector,
@@ -47,17 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    check_output_folder(out, [Path(p) for p in (args.model, args.data, args.good, args.defective, args.masks) if p])
+    if args.model:  # settings and model first: a bad one is refused before any image is read
+        refuse_model_settings(args, "--model takes its settings from the model file")
+        detector = load_detector(args.model, args)
+    else:
+        detector = make_detector(args)
     dataset = dataset_from_args(args)
     if not dataset.test:
         raise PatchCoreError(
             f"{args.data}: no test split to evaluate; use an MVTec-layout folder with test/<type>/ images, or 'textile'"
         )
-    if args.model:
-        refuse_model_settings(args, "--model takes its settings from the model file")
-        detector = load_detector(args.model, args)
-    else:
-        detector = make_detector(args).fit(dataset.train)
-    out = Path(args.output)
+    if not args.model:
+        detector.fit(dataset.train)
     watchers = []
     if args.overlays:
         overlays = OverlayWriter(out, detector.thresholds_, detector.score_scale)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ...persistence import check_model_target
 from ..options import (
     add_config_flags,
     add_folder_flags,
@@ -39,12 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dataset = dataset_from_args(args)
-    if args.add:
+    check_model_target(args.output)
+    if args.add:  # settings and model first: a bad one is refused before any image is read
         refuse_model_settings(args, "--add keeps the model's settings")
-        detector = load_detector(args.add, args).partial_fit(dataset.train)
+        detector = load_detector(args.add, args)
+        detector.partial_fit(dataset_from_args(args).train)
     else:
-        detector = make_detector(args).fit(dataset.train)
+        detector = make_detector(args)
+        detector.fit(dataset_from_args(args).train)
     detector.save(args.output)
     stats = detector.fit_stats_
     logger.info(

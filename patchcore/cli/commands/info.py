@@ -1,15 +1,16 @@
-"""``patchcore info``: print a verified model file's header (settings, provenance, training facts, thresholds),
-with the settings as this version reads them."""
+"""``patchcore info``: print a model file's header (settings, provenance, training facts, thresholds), after
+verifying it as a load does (checksum, signature, every header field, the backbone weights)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ...detectors import load
 from ...persistence import read_document
 
 NAME = "info"
-HELP = "print a model file's settings and provenance"
+HELP = "print a model file's settings and provenance (verified like a load)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,5 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    load(args.model)  # refuses what a load refuses, in one line
     print(json.dumps(read_document(args.model), indent=2, sort_keys=True))
     return 0

@@ -12,13 +12,14 @@ import numpy as np
 
 from ...errors import PatchCoreError
 from ...imaging import list_images, load_image, map_to_original
-from ...reporting.files import write_csv, write_npy, write_text
+from ...reporting.files import output_names, with_extension, write_csv, write_npy, write_text
 from ...reporting.overlays import OverlayWriter
-from ..options import OVERLAY_HELP, RESULT_KEYS, add_runtime_flags, load_detector
+from ..options import OVERLAY_HELP, RESULT_KEYS, add_runtime_flags, check_output_folder, load_detector
 
 NAME = "predict"
 HELP = "score images with a fitted model"
 EXIT_PARTIAL = 3  # results were written, but some inputs could not be read
+PIXEL_BUDGET = 3 * 64_000_000  # decoded values held at once (768 MB of float32): huge images go in small batches
 logger = logging.getLogger("patchcore")
 
 
@@ -47,67 +48,60 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
             found.append((path, Path(path.name)))
         else:
             raise PatchCoreError(f"{path}: no such file or folder")
-    seen: dict[Path, Path] = {}
-    for image, relative in found:
-        if relative in seen and seen[relative] != image:
-            raise PatchCoreError(
-                f"{image} and {seen[relative]} would write the same map name {relative}: predict them separately"
-            )
-        seen[relative] = image
     return found
 
 
 def run(args: argparse.Namespace) -> int:
-    detector = load_detector(args.model, args)
-    inputs = collect_inputs(args.inputs)
     out = Path(args.output)
-    rows: list[dict] = []
+    inputs = collect_inputs(args.inputs)
+    check_output_folder(out, [Path(args.model), *(Path(item) for item in args.inputs)])
+    detector = load_detector(args.model, args)
+    names = output_names([relative for _, relative in inputs])
+    rows: list[dict | None] = [None] * len(inputs)
     failed = 0
-    batch: list[tuple[Path, Path, np.ndarray]] = []
+    batch: list[tuple[int, np.ndarray]] = []
     overlays = OverlayWriter(out, detector.thresholds_, detector.score_scale) if args.overlays else None
     with_maps = args.maps or overlays is not None
 
     def flush() -> None:
-        results = detector.infer([image for _, _, image in batch], maps=with_maps)
-        for (path, relative, image), result in zip(batch, results):
+        results = detector.infer([image for _, image in batch], maps=with_maps)
+        for (i, image), result in zip(batch, results):
+            path, name = inputs[i][0], names[i]
             if args.maps:
-                write_npy(
-                    out / "maps" / relative.with_suffix(".npy"),
-                    map_to_original(result.map(), result.geometry).astype(np.float32),
-                )
+                amap = map_to_original(result.map(), result.geometry).astype(np.float32)
+                write_npy(out / "maps" / with_extension(name, ".npy"), amap)
             if overlays is not None:
-                overlays.add(image, relative, result.map(), result.geometry, path=path)
-            rows.append({"path": str(path), "score": result.score, **detector.decide(result.score), "error": ""})
+                overlays.add(image, name, result.map(), result.geometry, path=path)
+            rows[i] = {"path": str(path), "score": result.score, **detector.decide(result.score), "error": ""}
         batch.clear()
 
-    for path, relative in inputs:
+    for i, (path, _) in enumerate(inputs):
         try:
-            batch.append((path, relative, load_image(path)))
+            batch.append((i, load_image(path, args.max_pixels)))
         except PatchCoreError as exc:
             failed += 1
             print(f"patchcore: error: {exc}", file=sys.stderr)
-            rows.append({"path": str(path), "score": None, "error": str(exc)})
-        if len(batch) >= detector.resolved_batch_size():
+            rows[i] = {"path": str(path), "score": None, "error": str(exc)}
+        if len(batch) >= detector.resolved_batch_size() or sum(a.size for _, a in batch) >= PIXEL_BUDGET:
             flush()
     if batch:
         flush()
     if overlays is not None:
         overlays.finish()
-    order = {str(p): i for i, (p, _) in enumerate(inputs)}
-    rows.sort(key=lambda row: order[row["path"]])
-    write_csv(out / "scores.csv", [*RESULT_KEYS, "error"], rows)
+    written = [row for row in rows if row is not None]
+    write_csv(out / "scores.csv", [*RESULT_KEYS, "error"], written)
     write_text(
         out / "results.jsonl",
         "".join(
             json.dumps({**{key: row.get(key) for key in RESULT_KEYS}, "error": row.get("error") or None}) + "\n"
-            for row in rows
+            for row in written
         ),
     )
-    logger.info("scored %d of %d images; wrote %s", len(rows) - failed, len(rows), out / "scores.csv")
+    logger.info("scored %d of %d images; wrote %s", len(written) - failed, len(written), out / "scores.csv")
     if failed:
         where = out / "scores.csv"
         print(
-            f"patchcore: error: {failed} of {len(rows)} images could not be read (see the error column of {where})",
+            f"patchcore: error: {failed} of {len(written)} images could not be read (see the error column of {where})",
             file=sys.stderr,
         )
         return EXIT_PARTIAL
