@@ -225,13 +225,17 @@ def _check_types(config: PatchCoreConfig) -> None:
         }[kind]
         if not fits:
             raise PatchCoreError(f"{field.name}={value!r} must be {_KIND_WORDS[kind]}")
-        if kind == "float" and not math.isfinite(value):
-            raise PatchCoreError(f"{field.name}={value!r} must be a finite number")
+        try:
+            finite = kind != "float" or math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            raise PatchCoreError(f"{field.name}={str(value)[:20]} must be a finite number")
         plain = {"bool": bool, "int": int, "float": float}.get(kind)
         if plain is not None and type(value) not in (plain, int):  # numpy scalars become plain Python values
             object.__setattr__(config, field.name, plain(value))
         if high is not None and value > high:
-            raise PatchCoreError(f"{field.name}={value!r} is too large: at most {high:g}")
+            raise PatchCoreError(f"{field.name}={str(value)[:20]} is too large: at most {high:g}")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -35,7 +35,7 @@ BAD_FLAG_VALUES = {
     "num_neighbors": ["0", "-1", "5000", "abc"],
     "k": ["0", "-1", "5000", "abc"],
     "image_top_k": ["0", "-1", "99999999", "abc"],
-    "sigma": ["nan", "inf", "-1", "1e9", "abc"],
+    "sigma": ["nan", "inf", "-1", "1e9", "abc", "9" * 400],
     "seed": ["-1", "abc", "1.5", "99999999999"],
     "threshold_fpr": ["nan", "0", "1", "-0.1", "abc"],
     "calibration_share": ["nan", "0", "1", "abc"],
@@ -50,7 +50,7 @@ BAD_FILE_VALUES = {
     **{name: ["big", [1]] for name in BAD_FLAG_VALUES if name not in ("scoring", "normalization", "coreset_method")},
     "keep_aspect": ["false", 1, "yes"],
     "layers": [5, "", [1, 2], []],
-    "backbone": [5, "no_such_net"],
+    "backbone": [5, "no_such_net", True, [5]],
     "scoring": [3, "max"],
     "weights": [5],
     "colour": ["red"],
@@ -121,6 +121,16 @@ def bad_models(world: Path) -> dict[str, Path]:
     forged(_name="unknown_setting", config={**header["config"], "colour": "red"})
     forged(_name="wrong_layers", backbone={**header["backbone"], "layers": ["blocks.9"]})
     forged(_name="other_weights", backbone={**header["backbone"], "weights_sha256": "0" * 64})
+    forged(_name="threshold_nan", thresholds={"image": float("nan"), "pixel": None, "method": "manual"})
+    forged(_name="n_train_negative", train={**header["train"], "n_train": -5})
+    forged(_name="n_train_text", train={**header["train"], "n_train": "7"})
+    forged(_name="feature_shape_zero", train={**header["train"], "feature_shape": [-1, 0]})
+    forged(_name="created_dict", created={"when": "now"})
+    forged(_name="unknown_key", colour="red")
+    nan_bank = {"memory_bank": tensors["memory_bank"].copy()}
+    nan_bank["memory_bank"][0, 0] = np.nan
+    edited = {**header, "checksum": checksum(header, nan_bank)}
+    save_file(nan_bank, str(folder / "nan_bank.safetensors"), metadata={METADATA_KEY: json.dumps(edited)})
     return {p.stem: p for p in folder.iterdir()}
 
 
@@ -144,6 +154,13 @@ BAD_MODEL_NAMES = [
     "unknown_setting",
     "wrong_layers",
     "other_weights",
+    "threshold_nan",
+    "n_train_negative",
+    "n_train_text",
+    "feature_shape_zero",
+    "created_dict",
+    "unknown_key",
+    "nan_bank",
 ]
 
 
@@ -185,7 +202,7 @@ def check_fails_cleanly(argv: list[str], roots: list[Path], capsys) -> str:
     err = capsys.readouterr().err
     assert code in (1, 2), f"{argv} exited {code}: {err}"
     lines = [line for line in err.splitlines() if line.startswith("patchcore: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
+    assert len(lines) == 1 and "Traceback" not in err and "unexpected" not in lines[0], err
     assert [snapshot(root) for root in roots] == before, f"{argv} changed files"
     return lines[0]
 
@@ -307,6 +324,9 @@ def test_bad_command_line(tmp_path, capsys, argv):
     [
         ["--device", "banana"],
         ["--device", "cuda:9"],
+        ["--device", "meta"],
+        ["--device", "xpu"],
+        ["--max-pixels", "-1"],
         ["--batch-size", "0"],
         ["--batch-size", "-4"],
         ["--search", "annoy"],
@@ -324,3 +344,37 @@ def test_bad_data(world, tmp_path, capsys, data):
     (tmp_path / "file.txt").write_text("x")
     path = {"EMPTY": tmp_path / "empty", "FILE": tmp_path / "file.txt"}.get(data, tmp_path / data)
     check_fails_cleanly(["fit", str(path), "-o", str(tmp_path / "m.safetensors"), *SMALL], [world, tmp_path], capsys)
+
+
+def test_config_file_that_is_not_utf8(world, tmp_path, capsys):
+    config = tmp_path / "settings.yaml"
+    config.write_bytes(b"sigma: 4\n# caf\xe9\n")
+    argv = ["fit", str(world / "good"), "-o", str(tmp_path / "m.safetensors"), "--config", str(config)]
+    check_fails_cleanly(argv, [world, tmp_path], capsys)
+
+
+@pytest.mark.parametrize("where", ["under a file", "in a read-only folder"])
+def test_output_paths_that_cannot_be_written_are_found_before_any_work(world, tmp_path, capsys, where):
+    if where == "under a file":
+        (tmp_path / "afile").write_text("x")
+        parent = tmp_path / "afile"
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o555)
+        if os.access(parent, os.W_OK):  # root ignores permissions: nothing to test
+            pytest.skip("this user can write into read-only folders")
+    model = str(world / "model.safetensors")
+    for argv in (
+        ["fit", str(world / "good"), "-o", str(parent / "m.safetensors"), *SMALL],
+        ["predict", model, str(world / "good"), "-o", str(parent / "out")],
+    ):
+        check_fails_cleanly(argv, [world, tmp_path], capsys)
+
+
+def test_outputs_that_would_replace_an_input_are_refused(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    Image.open(world / "good" / "0.png").save(out / "overlays" / "a.png")
+    argv = ["predict", str(world / "model.safetensors"), str(out / "overlays"), "-o", str(out), "--overlays"]
+    check_fails_cleanly(argv, [world, tmp_path], capsys)

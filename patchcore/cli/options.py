@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ OVERLAY_HELP = (
     "and OUT/masks/<same name>.png, the binary mask at the model's pixel threshold (skipped with one warning "
     "when the model has none: fit with --threshold-fpr or --pixel-threshold)"
 )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def _optional_int(text: str) -> int | None:
@@ -81,7 +90,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise PatchCoreError(f"{file}: no such config file")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PatchCoreError(f"{file}: not UTF-8 text: save the config file as UTF-8") from None
     try:
         if file.suffix.lower() == ".json":
             data = json.loads(text)
@@ -108,7 +120,9 @@ def make_detector(args: argparse.Namespace) -> Detector:
     threshold settings are the ensemble's, its thresholds in standard deviations)."""
     settings = {**(read_config_file(args.config) if getattr(args, "config", None) else {}), **given_settings(args)}
     backbones = settings.pop("backbone", None) or [PatchCoreConfig.backbone]
-    backbones = [backbones] if isinstance(backbones, str) else list(backbones)
+    backbones = [backbones] if isinstance(backbones, str) else backbones
+    if not isinstance(backbones, list) or not all(isinstance(name, str) for name in backbones):
+        raise PatchCoreError(f"backbone={backbones!r} must be a backbone name or a list of names")
     if len(backbones) == 1:
         return PatchCore(PatchCoreConfig.from_dict({**settings, "backbone": backbones[0]}), **runtime_from_args(args))
     if settings.get("layers"):
@@ -141,7 +155,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-pixels",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
         help=f"refuse image files of more pixels, e.g. decompression bombs (default: {DEFAULT_MAX_PIXELS:,})",
@@ -195,11 +209,32 @@ def dataset_from_args(args: argparse.Namespace) -> Dataset:
 
 
 def check_output_folder(out: Path, protected: list[Path]) -> None:
-    """OUT must be a folder, or not exist yet, and must not be the model or an input (checked before any work)."""
+    """OUT must be a folder, or creatable as one, and must not be the model or an input (before any work)."""
     if out.exists() and not out.is_dir():
         raise PatchCoreError(f"{out}: exists and is not a folder: -o names the output folder, e.g. runs/predict")
+    check_writable(out)
     for path in protected:
         if path.exists() and path.resolve() == out.resolve():
             raise PatchCoreError(
                 f"{out}: is also an input or the model: choose another output folder, e.g. runs/predict"
             )
+
+
+def check_planned_outputs(planned: list[Path], protected: list[Path]) -> None:
+    """Refuse a run whose outputs would replace one of its inputs or the model (say OUT/overlays/a.png when
+    OUT/overlays/ is also an input folder)."""
+    existing = {path.resolve() for path in protected if path.exists()}
+    for path in planned:
+        if path.exists() and path.resolve() in existing:
+            raise PatchCoreError(f"{path}: would be written over an input or the model: choose another output folder")
+
+
+def check_writable(path: Path) -> None:
+    """The nearest existing folder at or above ``path`` must be a folder this process can write into."""
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if path != parent and not parent.is_dir():
+        raise PatchCoreError(f"{path}: {parent} is a file, not a folder: choose another path")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise PatchCoreError(f"{path}: cannot write into {parent} (permission denied): choose another path")

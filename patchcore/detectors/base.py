@@ -14,6 +14,7 @@ scoring, maps, predictions, thresholds and files are shared here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -91,12 +92,36 @@ class Thresholds:
         data = {} if data is None else data
         if not isinstance(data, dict):
             raise PatchCoreError(f"thresholds must be a mapping, not {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise PatchCoreError(f"unknown threshold field(s) {', '.join(unknown)}")
         thresholds = cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
         for name in ("image", "pixel", "fpr"):
             value = getattr(thresholds, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise PatchCoreError(f"threshold {name}={value!r} must be a number or null")
+            if value is not None and (not is_number(value) or not math.isfinite(value)):
+                raise PatchCoreError(f"threshold {name}={value!r} must be a finite number or null")
+        if thresholds.method not in (None, "fpr", "f1", "manual"):
+            raise PatchCoreError(f"threshold method {thresholds.method!r} is not fpr, f1 or manual")
+        if thresholds.n_calibration is not None and not is_count(thresholds.n_calibration):
+            raise PatchCoreError(f"n_calibration={thresholds.n_calibration!r} must be a whole number")
         return thresholds
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a boolean (JSON's numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_count(value: Any, least: int = 0) -> bool:
+    """A whole number (not a boolean) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_keys(meta: dict[str, Any], allowed: set[str], what: str) -> None:
+    """Refuse a header section with keys this version does not know (an edit, or a newer writer)."""
+    unknown = sorted(set(meta) - allowed)
+    if unknown:
+        raise PatchCoreError(f"unknown {what} field(s) {', '.join(unknown)}")
 
 
 def header_dict(meta: dict[str, Any], key: str) -> dict[str, Any]:

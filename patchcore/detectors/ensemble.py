@@ -21,7 +21,7 @@ from ..errors import PatchCoreError
 from ..imaging import DEFAULT_MAX_PIXELS, ImageLike, load_image
 from ..persistence import DetectorState
 from ..persistence.model_file import ENSEMBLE_KIND, SINGLE_KIND
-from .base import RUNTIME, Detector, Inference, Thresholds, header_dict, not_fitted
+from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, is_count, not_fitted
 from .patchcore import PatchCore
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,9 @@ class PatchCoreEnsemble(Detector):
         if unknown:
             raise PatchCoreError(f"{', '.join(unknown)} cannot apply to an ensemble: use {', '.join(RUNTIME)}")
         try:
+            check_keys(meta, {"members", "ensemble", "standardization", "thresholds"}, "ensemble")
             records, info, stats = meta["members"], header_dict(meta, "ensemble"), header_dict(meta, "standardization")
+            check_keys(info, {*SETTINGS, "n_train", "n_calibration"}, "ensemble")
             if not isinstance(records, list) or len(records) < 2:
                 raise PatchCoreError("an ensemble needs a list of at least two members")
             member_states = [
@@ -232,7 +234,11 @@ class PatchCoreEnsemble(Detector):
             settings = {name: info[name] for name in SETTINGS if info.get(name) is not None}
             score_stats = np.array(stats["score"], dtype=np.float64)
             pixel_stats = np.array(stats["pixel"], dtype=np.float64)
-            n_train, n_calibration = int(info["n_train"]), int(info["n_calibration"])
+            n_train, n_calibration = info["n_train"], info["n_calibration"]
+            if not (is_count(n_train, 1) and is_count(n_calibration, 1)):
+                raise PatchCoreError(f"n_train={n_train!r} and n_calibration={n_calibration!r} must be whole numbers")
+            if not (np.isfinite(score_stats).all() and np.isfinite(pixel_stats).all()):
+                raise PatchCoreError("the standardisation statistics must be finite numbers")
             thresholds = Thresholds.from_dict(meta.get("thresholds"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PatchCoreError(

@@ -45,7 +45,7 @@ from ..imaging import (
 from ..persistence import DetectorState
 from ..persistence.model_file import SINGLE_KIND
 from ..search import SEARCH_BACKENDS, build_index
-from .base import RUNTIME, Detector, Inference, Thresholds, header_dict, not_fitted
+from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, is_count, not_fitted
 
 logger = logging.getLogger(__name__)
 
@@ -469,12 +469,27 @@ class PatchCore(Detector):
         if unknown:
             raise PatchCoreError(f"unknown runtime setting(s) {', '.join(unknown)}: use {', '.join(RUNTIME)}")
         try:
+            check_keys(meta, {"config", "backbone", "train", "thresholds"}, "model")
             config = PatchCoreConfig.from_dict(header_dict(meta, "config"))
             recorded, train = header_dict(meta, "backbone"), header_dict(meta, "train")
+            check_keys(recorded, {"name", "layers", "weights_sha256"}, "backbone")
+            check_keys(train, {"n_train", "feature_shape", "full_bank_size", "seed"}, "train")
             name, layers, digest = recorded["name"], list(recorded["layers"]), recorded["weights_sha256"]
-            n_train = int(train["n_train"])
-            feature_shape = (int(train["feature_shape"][0]), int(train["feature_shape"][1]))
-            full_bank_size = train.get("full_bank_size")
+            n_train, feature_shape, full_bank_size = (
+                train["n_train"],
+                train["feature_shape"],
+                train.get("full_bank_size"),
+            )
+            if not is_count(n_train, 1):
+                raise PatchCoreError(f"n_train={n_train!r} must be a whole number of at least 1")
+            if not (
+                isinstance(feature_shape, list)
+                and len(feature_shape) == 2
+                and all(is_count(v, 1) for v in feature_shape)
+            ):
+                raise PatchCoreError(f"feature_shape={feature_shape!r} must be two positive whole numbers")
+            if full_bank_size is not None and not is_count(full_bank_size, 1):
+                raise PatchCoreError(f"full_bank_size={full_bank_size!r} must be a whole number or null")
             thresholds = Thresholds.from_dict(meta.get("thresholds"))
             bank = np.asarray(state.tensors["memory_bank"])
         except PatchCoreError as exc:
@@ -487,6 +502,8 @@ class PatchCore(Detector):
             config = config.replace(weights=str(weights))
         if bank.ndim != 2 or bank.dtype != np.float32 or bank.shape[0] < 1:
             raise PatchCoreError(f"{source}: memory bank must be a non-empty (M, D) float32 tensor")
+        if not np.isfinite(bank).all():
+            raise PatchCoreError(f"{source}: the memory bank holds NaN or infinite values: refit or restore the model")
         model = cls(config, **runtime)
         backbone = model._make_backbone()
         if backbone.name != name or list(backbone.layers) != layers:
@@ -504,7 +521,7 @@ class PatchCore(Detector):
         model.backbone_ = backbone
         model._use_bank(torch.from_numpy(bank.copy()))
         model.n_train_ = n_train
-        model.feature_shape_ = feature_shape
+        model.feature_shape_ = (feature_shape[0], feature_shape[1])
         model.fit_stats_ = {"full_bank_size": full_bank_size}
         model.thresholds_ = thresholds
         model.provenance_ = dict(state.provenance)
@@ -530,6 +547,8 @@ def checked_device(device: str) -> torch.device:
         raise PatchCoreError(
             f"device {device!r} is not a torch device: use cpu, or cuda on a machine with a GPU"
         ) from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise PatchCoreError(f"device {device!r}: patchcore runs on cpu, cuda or mps")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise PatchCoreError(f"device {device!r}: no CUDA GPU is available here: use cpu")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():

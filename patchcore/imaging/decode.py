@@ -45,11 +45,11 @@ def read_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
     path = Path(path)
     if not path.is_file():
         raise PatchCoreError(f"{path}: no such image file")
+    pillow_limit = Image.MAX_IMAGE_PIXELS  # Pillow refuses images above twice this; restored below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says more
-            limit = Image.MAX_IMAGE_PIXELS  # Pillow refuses above twice this: only ever widened, to our limit
-            if limit is not None and (max_pixels is None or max_pixels > 2 * limit):
+            if pillow_limit is not None and (max_pixels is None or max_pixels > 2 * pillow_limit):
                 Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
             with Image.open(path) as image:
                 width, height = image.size
@@ -59,19 +59,22 @@ def read_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
                         "bomb, or a huge image): raise --max-pixels if it is genuine"
                     )
                 frames = getattr(image, "n_frames", 1)
-                if frames > 1:
+                if frames > 1 and image.format != "MPO":  # MPO: a phone JPEG with a preview, frame 0 is the photo
                     raise PatchCoreError(
                         f"{path}: holds {frames} frames (an animation or a multi-page file): save the frame to "
                         "score as an image of its own"
                     )
                 image.load()  # decode now, so a truncated file fails here and not later
                 return pil_to_array(ImageOps.exif_transpose(image) or image)
-    except PatchCoreError:
-        raise
+    except PatchCoreError as exc:
+        message = str(exc)
+        raise PatchCoreError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     except Image.DecompressionBombError as exc:
         raise PatchCoreError(f"{path}: {exc}; raise --max-pixels if the image is genuine") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PatchCoreError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def pil_to_array(image: Image.Image) -> np.ndarray:

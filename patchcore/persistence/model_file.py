@@ -117,6 +117,13 @@ def check_model_target(path: str | os.PathLike) -> None:
     """Refuse to write a model over anything but a PatchCore model file: a folder, a symbolic link, a FIFO
     or device, or a file that is not a model (a mistyped -o must never destroy data)."""
     path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PatchCoreError(f"{path}: {parent} is a file, not a folder: choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PatchCoreError(f"{path}: cannot write into {parent} (permission denied): choose another path")
     if path.is_symlink():
         raise PatchCoreError(
             f"{path}: is a symbolic link: name the file itself ({os.path.realpath(path)}) or another path"
@@ -131,7 +138,8 @@ def check_model_target(path: str | os.PathLike) -> None:
         read_header(path)
     except PatchCoreError:
         raise PatchCoreError(
-            f"{path}: exists and is not a PatchCore model, so it is not overwritten: remove it or choose another name"
+            f"{path}: exists and is not a PatchCore model this version can read, so it is not overwritten: "
+            "remove it or choose another name"
         ) from None
 
 
@@ -184,6 +192,11 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     kind = header.get("format")
     if not isinstance(kind, str) or not kind.startswith(KIND_PREFIX):
         raise PatchCoreError(f"{path}: not a PatchCore model file (format {kind!r})")
+    for key in ("package_version", "created", "checksum"):
+        if not isinstance(header.get(key), str):
+            raise PatchCoreError(
+                f"{path}: the header's {key} is missing or not text; the file was altered: refit or restore it"
+            )
     version = header.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise PatchCoreError(
@@ -193,8 +206,11 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def read_tensors(path: str | os.PathLike, header: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The tensors of a model file, checked against the header's list and the checksum."""
+def read_tensors(
+    path: str | os.PathLike, header: Mapping[str, Any], verify_signature: bool = True
+) -> dict[str, np.ndarray]:
+    """The tensors of a model file, checked against the header's list, the checksum and (with a key set and
+    ``verify_signature``) the signature."""
     from safetensors.numpy import load_file
 
     try:
@@ -221,7 +237,7 @@ def read_tensors(path: str | os.PathLike, header: Mapping[str, Any]) -> dict[str
     if checksum(header, tensors) != header.get("checksum"):
         raise PatchCoreError(f"{path}: checksum mismatch, the file was edited or damaged: refit or restore it")
     key = signing_key()
-    if key is not None:
+    if key is not None and verify_signature:
         if "signature" not in header:
             raise PatchCoreError(f"{path}: unsigned model, and {KEY_VARIABLE} is set: sign it with 'patchcore sign'")
         if not hmac.compare_digest(str(header["signature"]), signature(key, str(header["checksum"]))):
@@ -229,10 +245,11 @@ def read_tensors(path: str | os.PathLike, header: Mapping[str, Any]) -> dict[str
     return tensors
 
 
-def read_state(path: str | os.PathLike) -> DetectorState:
-    """The verified state in a model file, migrated to the current format version."""
+def read_state(path: str | os.PathLike, verify_signature: bool = True) -> DetectorState:
+    """The verified state in a model file, migrated to the current format version (``verify_signature``
+    False: the checksum is verified, the signature not; for signing)."""
     header = read_header(path)
-    tensors = read_tensors(path, header)
+    tensors = read_tensors(path, header, verify_signature)
     kind, version = header["format"], header["format_version"]
     meta = migrate(kind, {k: v for k, v in header.items() if k not in ENVELOPE}, version, path)
     provenance = {k: header.get(k) for k in ("format_version", "package_version", "created")}

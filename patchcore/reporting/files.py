@@ -79,22 +79,23 @@ def output_names(relatives: Sequence[Path]) -> list[Path]:
     >>> [str(n) for n in output_names([Path("a.png"), Path("a.jpg"), Path("b.png"), Path("b.png"), Path("c.png")])]
     ['a.png', 'a.jpg', 'b', 'b_1', 'c']
     """
-    stems = [Path(r).with_suffix("") for r in relatives]
+    # compared case-folded: a.png and A.jpg are one file name on macOS and Windows
+    stems = [Path(str(Path(r).with_suffix("")).casefold()) for r in relatives]
     groups: dict[Path, set[Path]] = {}
     for relative, stem in zip(relatives, stems):
         groups.setdefault(stem, set()).add(Path(relative))
     counts = Counter(stems)
     names: list[Path] = []
-    taken: set[Path] = set()
+    taken: set[str] = set()
     for relative, stem in zip(relatives, stems):
-        name = Path(relative) if len(groups[stem]) > 1 else stem  # several extensions: keep each one
+        name = Path(relative) if len(groups[stem]) > 1 else Path(relative).with_suffix("")  # several: keep each
         candidate, n = name, 1
-        while candidate in taken:
+        while str(candidate).casefold() in taken:
             candidate = name.with_name(f"{name.name}_{n}")
             n += 1
         if counts[stem] > 1:
             logger.warning("%s shares its name with another input: its results are named %s", relative, candidate)
-        taken.add(candidate)
+        taken.add(str(candidate).casefold())
         names.append(candidate)
     return names
 

@@ -175,6 +175,14 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
     write_bytes(path, to_png_bytes(array))
 
 
+def to_uint8(pixels: np.ndarray, rows: int = 512) -> np.ndarray:
+    """(H, W, 3) float in [0, 1] -> uint8, a band of rows at a time (no full-size float temporaries)."""
+    out = np.empty(pixels.shape, np.uint8)
+    for top in range(0, pixels.shape[0], rows):
+        out[top : top + rows] = np.round(pixels[top : top + rows] * 255.0)
+    return out
+
+
 def render_overlay(
     image: Any,
     input_map: np.ndarray,
@@ -193,7 +201,7 @@ def render_overlay(
     scale = min(1.0, (MAX_PICTURE_PIXELS / (height * width)) ** 0.5)
     if scale < 1.0:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        small = Image.fromarray(np.round(pixels * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+        small = Image.fromarray(to_uint8(pixels)).resize(size, Image.Resampling.BILINEAR)
         pixels = np.asarray(small, dtype=np.float32) / 255.0
         geometry = dataclasses.replace(geometry, original=(size[1], size[0]))
     full = map_to_original(np.asarray(input_map, dtype=np.float32), geometry)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...errors import PatchCoreError
 from ...evaluation.evaluate import evaluate
-from ...reporting.files import write_csv, write_json, write_text
+from ...reporting.files import with_extension, write_csv, write_json, write_text
 from ...reporting.overlays import OverlayWriter, sample_names
 from ..options import (
     OVERLAY_HELP,
@@ -18,6 +18,7 @@ from ..options import (
     add_folder_flags,
     add_runtime_flags,
     check_output_folder,
+    check_planned_outputs,
     dataset_from_args,
     load_detector,
     make_detector,
@@ -60,12 +61,16 @@ def run(args: argparse.Namespace) -> int:
         raise PatchCoreError(
             f"{args.data}: no test split to evaluate; use an MVTec-layout folder with test/<type>/ images, or 'textile'"
         )
+    names = sample_names(dataset.test)
+    planned = [out / name for name in ("scores.csv", "results.jsonl", "metrics.json", "report.html")]
+    planned += [out / folder / with_extension(name, ".png") for name in names for folder in ("overlays", "masks")]
+    images = [*dataset.train, *(s.path for s in dataset.test), *(s.mask_path for s in dataset.test if s.mask_path)]
+    check_planned_outputs(planned, [Path(p) for p in (args.model, *images) if p])
     if not args.model:
         detector.fit(dataset.train)
     watchers = []
     if args.overlays:
         overlays = OverlayWriter(out, detector.thresholds_, detector.score_scale)
-        names = sample_names(dataset.test)
         watchers.append(lambda i, sample, score, amap, geometry: overlays.add(sample.path, names[i], amap, geometry))
     if args.report:
         from ...reporting.html import ExampleCollector

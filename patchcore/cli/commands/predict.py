@@ -14,7 +14,14 @@ from ...errors import PatchCoreError
 from ...imaging import list_images, load_image, map_to_original
 from ...reporting.files import output_names, with_extension, write_csv, write_npy, write_text
 from ...reporting.overlays import OverlayWriter
-from ..options import OVERLAY_HELP, RESULT_KEYS, add_runtime_flags, check_output_folder, load_detector
+from ..options import (
+    OVERLAY_HELP,
+    RESULT_KEYS,
+    add_runtime_flags,
+    check_output_folder,
+    check_planned_outputs,
+    load_detector,
+)
 
 NAME = "predict"
 HELP = "score images with a fitted model"
@@ -55,8 +62,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     inputs = collect_inputs(args.inputs)
     check_output_folder(out, [Path(args.model), *(Path(item) for item in args.inputs)])
-    detector = load_detector(args.model, args)
     names = output_names([relative for _, relative in inputs])
+    planned = [out / "scores.csv", out / "results.jsonl"]
+    planned += [out / folder / with_extension(name, ".png") for name in names for folder in ("overlays", "masks")]
+    planned += [out / "maps" / with_extension(name, ".npy") for name in names]
+    check_planned_outputs(planned, [Path(args.model), *(path for path, _ in inputs)])
+    detector = load_detector(args.model, args)
     rows: list[dict | None] = [None] * len(inputs)
     failed = 0
     batch: list[tuple[int, np.ndarray]] = []

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
-import os
 
 from ...errors import PatchCoreError
-from ...persistence import read_state, write_state
-from ...persistence.model_file import KEY_VARIABLE
+from ...persistence import read_header, read_state, write_state
+from ...persistence.model_file import KEY_VARIABLE, signature, signing_key
 
 NAME = "sign"
 HELP = f"sign a model file with the key in {KEY_VARIABLE}, so that loading it there can refuse forgeries"
@@ -23,14 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    key = os.environ.get(KEY_VARIABLE, "")
-    if not key:
+    key = signing_key()
+    if key is None:
         raise PatchCoreError(f"set {KEY_VARIABLE} to the site's signing key first")
-    del os.environ[KEY_VARIABLE]  # the file is read as an unsigned one: it is being signed
-    try:
-        state = read_state(args.model)
-    finally:
-        os.environ[KEY_VARIABLE] = key
-    write_state(args.output, state)
+    header = read_header(args.model)
+    if "signature" in header and not hmac.compare_digest(str(header["signature"]), signature(key, header["checksum"])):
+        raise PatchCoreError(f"{args.model}: signed with another key: it is not signed again")
+    write_state(args.output, read_state(args.model, verify_signature=False))
     logger.info("signed %s; wrote %s", args.model, args.output)
     return 0
