@@ -23,7 +23,8 @@ CHOICES = {"scoring": SCORING_MODES, "coreset_method": CORESET_METHODS, "normali
 RESULT_KEYS = ("path", "score", "threshold", "is_anomalous", "normalized_score")
 OVERLAY_HELP = (
     "heatmap overlay at the image's original size, colours fixed for the whole run (0.75 to 1.25 x the pixel "
-    "threshold; without thresholds the run's smallest to largest map value), white outline where the map reaches "
+    "threshold, for ensembles the threshold -/+ 2; without thresholds the run's smallest to largest map value), "
+    "white outline where the map reaches "
     "the pixel threshold; "
     "and OUT/masks/<same name>.png, the binary mask at the model's pixel threshold (skipped with one warning "
     "when the model has none: fit with --threshold-fpr or --pixel-threshold)"
