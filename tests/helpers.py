@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_cli(*args: object, timeout: float = 300, cwd: object = None) -> subprocess.CompletedProcess:
@@ -15,3 +17,18 @@ def run_cli(*args: object, timeout: float = 300, cwd: object = None) -> subproce
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every file (its bytes), link (its target), folder and special file under ``root``: what must not change."""
+    state: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            state[str(path)] = "-> " + os.readlink(path)
+        elif path.is_file():
+            state[str(path)] = path.read_bytes()
+        elif path.is_dir():
+            state[str(path)] = "dir"
+        else:
+            state[str(path)] = "special"
+    return state

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
+from helpers import snapshot
 from patchcore.cli import main
 from patchcore.persistence.model_file import METADATA_KEY, checksum
 
@@ -55,20 +56,6 @@ BAD_FILE_VALUES = {
     "weights": [5],
     "colour": ["red"],
 }
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    state: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            state[str(path)] = "-> " + os.readlink(path)
-        elif path.is_file():
-            state[str(path)] = path.read_bytes()
-        elif path.is_dir():
-            state[str(path)] = "dir"
-        else:
-            state[str(path)] = "special"
-    return state
 
 
 @pytest.fixture(scope="module")

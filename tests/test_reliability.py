@@ -13,25 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import run_cli
+from helpers import run_cli, snapshot
 from patchcore import PatchCoreError
 from patchcore.imaging import load_image
 from patchcore.persistence.atomic import atomic_write
 
 FAST = ["--resize", "64", "--crop", "56", "--coreset-ratio", "0.5"]
-
-
-def snapshot(root: Path) -> dict[str, bytes | str]:
-    """Every file (its bytes) and link (its target) under ``root``: what must not change."""
-    state: dict[str, bytes | str] = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            state[str(path)] = "-> " + os.readlink(path)
-        elif path.is_file():
-            state[str(path)] = path.read_bytes()
-        elif not path.is_dir():
-            state[str(path)] = "special"
-    return state
 
 
 def one_line_error(result) -> str:
