@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+BLUR_PIXELS = 1 << 20  # map pixels blurred at once (about 7 maps of 384 x 384)
+
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Normalised 1-D Gaussian of radius round(truncate * sigma), like scipy.ndimage.gaussian_filter.
@@ -45,12 +47,16 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    x = maps[:, None]
-    x = x.index_select(2, symmetric_indices(x.shape[2], radius).to(x.device))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    x = x.index_select(3, symmetric_indices(x.shape[3], radius).to(x.device))
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    return x[:, 0]
+    rows = symmetric_indices(maps.shape[1], radius).to(maps.device)
+    cols = symmetric_indices(maps.shape[2], radius).to(maps.device)
+    out = torch.empty_like(maps)
+    # a few maps at a time: the convolutions' temporaries grow with the batch (+340 MB for 32 maps of 384 px)
+    step = max(1, BLUR_PIXELS // max(1, maps.shape[1] * maps.shape[2]))
+    for start in range(0, maps.shape[0], step):
+        x = maps[start : start + step, None].index_select(2, rows)
+        x = F.conv2d(x, kernel.view(1, 1, -1, 1)).index_select(3, cols)
+        out[start : start + step] = F.conv2d(x, kernel.view(1, 1, 1, -1))[:, 0]
+    return out
 
 
 def anomaly_maps(grid_scores: torch.Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
