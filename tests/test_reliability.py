@@ -109,26 +109,6 @@ def test_predict_turns_bad_images_into_error_rows(model, good, tmp_path):
 
 
 # ----------------------------------------------------------------------------- nothing overwritten
-@pytest.mark.parametrize("kind", ["folder", "unrelated file", "symlink", "fifo"])
-def test_fit_never_writes_over_what_is_not_a_model(good, tmp_path, kind):
-    target = tmp_path / "target"
-    if kind == "folder":
-        target.mkdir()
-        (target / "keep.txt").write_text("keep")
-    elif kind == "unrelated file":
-        target.write_text("my notes")
-    elif kind == "symlink":
-        (tmp_path / "real.txt").write_text("real")
-        target.symlink_to(tmp_path / "real.txt")
-    else:
-        os.mkfifo(target)
-    before = snapshot(tmp_path)
-    result = run_cli("fit", good, "-o", target, *FAST)
-    assert result.returncode == 1
-    one_line_error(result)
-    assert snapshot(tmp_path) == before
-
-
 def test_predict_refuses_an_output_that_is_the_model_an_input_or_a_file(model, good, tmp_path):
     image = next(iter(sorted(good.iterdir())))
     for out in (model, image, good):
