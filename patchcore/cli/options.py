@@ -9,15 +9,17 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import CORESET_METHODS, NORMALIZATIONS, PatchCoreConfig
 from ..core.scoring_modes import SCORING_MODES
-from ..datasets import Dataset
-from ..detectors import Detector, PatchCore, PatchCoreEnsemble, load
 from ..errors import PatchCoreError
-from ..imaging import DEFAULT_MAX_PIXELS
+from ..imaging.decode import DEFAULT_MAX_PIXELS
 from ..search import SEARCH_BACKENDS
+
+if TYPE_CHECKING:  # the detectors import torch: they load when a command needs one (see load_detector)
+    from ..datasets import Dataset
+    from ..detectors import Detector
 
 CHOICES = {"scoring": SCORING_MODES, "coreset_method": CORESET_METHODS, "normalization": NORMALIZATIONS}
 RESULT_KEYS = ("path", "score", "threshold", "is_anomalous", "normalized_score")
@@ -119,6 +121,8 @@ def make_detector(args: argparse.Namespace) -> Detector:
     """Defaults, then the --config file, then the flags given on the command line: a PatchCore model, or an
     ensemble when several backbones are named (one config per backbone; the calibration share, seed and
     threshold settings are the ensemble's, its thresholds in standard deviations)."""
+    from ..detectors import PatchCore, PatchCoreEnsemble
+
     settings = {**(read_config_file(args.config) if getattr(args, "config", None) else {}), **given_settings(args)}
     backbones = settings.pop("backbone", None) or [PatchCoreConfig.backbone]
     backbones = [backbones] if isinstance(backbones, str) else backbones
@@ -175,6 +179,8 @@ def runtime_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_detector(path: str, args: argparse.Namespace) -> Detector:
     """The detector in a model file, with the runtime flags."""
+    from ..detectors import load
+
     return load(path, **runtime_from_args(args))
 
 

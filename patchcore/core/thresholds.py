@@ -7,12 +7,64 @@ threshold, a yes/no decision and a normalised score that is exactly 0.5 at the t
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from ..errors import PatchCoreError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds of a detector and how they were set.
+
+    image / pixel: thresholds on image scores and on anomaly-map pixels (None: not set); method: "fpr"
+    (from good images at a target false-positive rate), "f1" (from labelled images) or "manual";
+    fpr, n_calibration: the target rate and the number of images used, where they apply.
+    """
+
+    image: float | None = None
+    pixel: float | None = None
+    method: str | None = None
+    fpr: float | None = None
+    n_calibration: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Thresholds:
+        """Thresholds as stored in a model file (None: no thresholds); wrong types raise PatchCoreError."""
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise PatchCoreError(f"thresholds must be a mapping, not {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise PatchCoreError(f"unknown threshold field(s) {', '.join(unknown)}")
+        thresholds = cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
+        for name in ("image", "pixel", "fpr"):
+            value = getattr(thresholds, name)
+            if value is not None and (not is_number(value) or not math.isfinite(value)):
+                raise PatchCoreError(f"threshold {name}={value!r} must be a finite number or null")
+        if thresholds.method not in (None, "fpr", "f1", "manual"):
+            raise PatchCoreError(f"threshold method {thresholds.method!r} is not fpr, f1 or manual")
+        if thresholds.n_calibration is not None and not is_count(thresholds.n_calibration):
+            raise PatchCoreError(f"n_calibration={thresholds.n_calibration!r} must be a whole number")
+        return thresholds
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a boolean (JSON's numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_count(value: Any, least: int = 0) -> bool:
+    """A whole number (not a boolean) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def split_calibration(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

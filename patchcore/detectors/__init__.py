@@ -6,17 +6,38 @@ its class (the one place to register a new detector; its ``kind`` starts with "p
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import PatchCoreError
 from ..persistence import read_state
-from .base import Detector, Inference, Prediction, Thresholds
-from .ensemble import PatchCoreEnsemble
-from .patchcore import PatchCore
+from .base import Detector, Inference, Prediction, Scorer, Thresholds
 
-KINDS: dict[str, type[Detector]] = {cls.kind: cls for cls in (PatchCore, PatchCoreEnsemble)}
+if TYPE_CHECKING:
+    from .ensemble import PatchCoreEnsemble
+    from .patchcore import PatchCore
+
+# The detectors themselves import torch: they load on first use, so that ``patchcore.detectors.base``
+# (the contract, which the torch-free runtime implements) does not need torch.
+_LAZY = {"PatchCore": ".patchcore", "PatchCoreEnsemble": ".ensemble"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KINDS":
+        return kinds()
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
+
+def kinds() -> dict[str, type[Detector]]:
+    """KINDS: each model-file kind and its detector class (the one place to register a new detector)."""
+    from .ensemble import PatchCoreEnsemble
+    from .patchcore import PatchCore
+
+    return {cls.kind: cls for cls in (PatchCore, PatchCoreEnsemble)}
 
 
 def load(path: str | os.PathLike, **runtime: Any) -> Detector:
@@ -25,11 +46,23 @@ def load(path: str | os.PathLike, **runtime: Any) -> Detector:
     ``runtime``: device, batch_size, search, progress (and ``weights`` for a single model).
     """
     state = read_state(path)
-    if state.kind not in KINDS:
+    known = kinds()
+    if state.kind not in known:
         raise PatchCoreError(
             f"{path}: a {state.kind} file, which patchcore {__version__} cannot load: upgrade patchcore"
         )
-    return KINDS[state.kind].from_state(state, source=path, **runtime)
+    return known[state.kind].from_state(state, source=path, **runtime)
 
 
-__all__ = ["Detector", "Inference", "KINDS", "PatchCore", "PatchCoreEnsemble", "Prediction", "Thresholds", "load"]
+__all__ = [
+    "Detector",
+    "Inference",
+    "KINDS",
+    "PatchCore",
+    "PatchCoreEnsemble",
+    "Prediction",
+    "Scorer",
+    "Thresholds",
+    "kinds",
+    "load",
+]

@@ -5,6 +5,9 @@ A detector follows scikit-learn's estimator contract: ``__init__`` only stores s
 (``get_params``/``set_params``, so ``sklearn.base.clone`` works), ``fit`` returns self, learned state
 ends in ``_``, and using an unfitted detector raises :class:`~patchcore.errors.NotFittedError`.
 
+:class:`Scorer` is the part that only scores (infer, scores, maps, predictions, decisions): a deployed
+model that cannot learn (the torch-free ONNX runtime) is a Scorer. A :class:`Detector` learns too.
+
 A subclass implements :meth:`~Detector.fit`, :meth:`~Detector.partial_fit`, :meth:`~Detector.infer`,
 :meth:`~Detector.get_state`, :meth:`~Detector.from_state`, :meth:`~Detector.describe`,
 :attr:`~Detector.memory_bank_size` and the two hooks ``_check_fitted`` and ``_manual_thresholds``;
@@ -14,16 +17,21 @@ scoring, maps, predictions, thresholds and files are shared here.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
-from ..core.thresholds import f1_threshold, fpr_threshold, logistic_scores, normalized_scores
+from ..core.thresholds import (
+    Thresholds,
+    f1_threshold,
+    fpr_threshold,
+    logistic_scores,
+    normalized_scores,
+)
 from ..errors import NotFittedError, PatchCoreError
 from ..imaging import Geometry, ImageLike, TiledGeometry, map_to_original
 from ..persistence import DetectorState, read_state, write_state
@@ -68,55 +76,6 @@ class Prediction:
     normalized_score: float | None = None
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Decision thresholds of a detector and how they were set.
-
-    image / pixel: thresholds on image scores and on anomaly-map pixels (None: not set); method: "fpr"
-    (from good images at a target false-positive rate), "f1" (from labelled images) or "manual";
-    fpr, n_calibration: the target rate and the number of images used, where they apply.
-    """
-
-    image: float | None = None
-    pixel: float | None = None
-    method: str | None = None
-    fpr: float | None = None
-    n_calibration: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Thresholds:
-        """Thresholds as stored in a model file (None: no thresholds); wrong types raise PatchCoreError."""
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise PatchCoreError(f"thresholds must be a mapping, not {type(data).__name__}")
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise PatchCoreError(f"unknown threshold field(s) {', '.join(unknown)}")
-        thresholds = cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
-        for name in ("image", "pixel", "fpr"):
-            value = getattr(thresholds, name)
-            if value is not None and (not is_number(value) or not math.isfinite(value)):
-                raise PatchCoreError(f"threshold {name}={value!r} must be a finite number or null")
-        if thresholds.method not in (None, "fpr", "f1", "manual"):
-            raise PatchCoreError(f"threshold method {thresholds.method!r} is not fpr, f1 or manual")
-        if thresholds.n_calibration is not None and not is_count(thresholds.n_calibration):
-            raise PatchCoreError(f"n_calibration={thresholds.n_calibration!r} must be a whole number")
-        return thresholds
-
-
-def is_number(value: Any) -> bool:
-    """A real number that is not a boolean (JSON's numbers)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_count(value: Any, least: int = 0) -> bool:
-    """A whole number (not a boolean) of at least ``least``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 def check_keys(meta: dict[str, Any], allowed: set[str], what: str) -> None:
     """Refuse a header section with keys this version does not know (an edit, or a newer writer)."""
     unknown = sorted(set(meta) - allowed)
@@ -132,51 +91,26 @@ def header_dict(meta: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-class Detector(ABC):
-    """The contract every detector satisfies; see the module docstring.
-
-    Learned state (after ``fit``, ``from_state`` or ``load``): ``n_train_`` (good images in the bank),
-    ``fit_stats_`` (timings and sizes of the last fit), ``thresholds_`` (:class:`Thresholds`).
+class Scorer(ABC):
+    """What scores images: per image a score and a map (:meth:`infer`), and the decisions that follow from
+    the thresholds. Every :class:`Detector` is one; so is a deployed model that cannot learn
+    (:class:`patchcore.runtime.OnnxDetector`, which runs without torch).
     """
 
-    #: The model-file kind this detector is stored as (registered in ``patchcore.detectors.KINDS``).
-    kind: ClassVar[str]
     #: "distance": scores are non-negative distances (normalised as s / (s + t)); "standardized": scores
     #: of any sign in standard deviations of good images (normalised by a logistic around t).
     score_scale: ClassVar[str] = "distance"
 
     batch_size: int | None
     thresholds_: Thresholds
-    n_train_: int
-    fit_stats_: dict[str, Any]
-    provenance_: dict[str, Any]  # set by from_state: format and package version and time of the state's file
-
-    # ------------------------------------------------------------------ what a detector implements
-    @abstractmethod
-    def fit(self: D, images: Sequence[ImageLike]) -> D:
-        """Learn from good images only. Returns self."""
-
-    @abstractmethod
-    def partial_fit(self: D, images: Sequence[ImageLike]) -> D:
-        """Add good images to a fitted detector without revisiting the old ones. Returns self."""
 
     @abstractmethod
     def infer(self, images: Sequence[ImageLike], *, maps: bool = True) -> Iterator[Inference]:
         """One :class:`Inference` per image, lazily, in order, ``batch_size`` images at a time."""
 
     @abstractmethod
-    def get_state(self) -> DetectorState:
-        """The fitted detector as data (what its model file holds)."""
-
-    @classmethod
-    @abstractmethod
-    def from_state(cls: type[D], state: DetectorState, *, source: str | os.PathLike = "state", **runtime: Any) -> D:
-        """A fitted detector from :meth:`get_state`'s output; ``runtime`` as the constructor's runtime
-        arguments (device, batch_size, search, progress); ``source`` names the state in error messages."""
-
-    @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """The settings as a JSON-able dict (the config, or the ensemble's members and settings)."""
+    def _check_fitted(self) -> None:
+        """Raise :class:`NotFittedError` unless fitted."""
 
     def resolved_batch_size(self) -> int:
         """The images handled together: ``batch_size``, or 32 when it is None."""
@@ -185,19 +119,6 @@ class Detector(ABC):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PatchCoreError(f"batch_size={self.batch_size!r} must be a positive whole number (or None for 32)")
         return self.batch_size
-
-    @property
-    @abstractmethod
-    def memory_bank_size(self) -> int:
-        """Rows in the memory bank(s)."""
-
-    @abstractmethod
-    def _manual_thresholds(self) -> tuple[float | None, float | None]:
-        """(image, pixel) thresholds given by hand in the settings; calibration keeps them."""
-
-    @abstractmethod
-    def _check_fitted(self) -> None:
-        """Raise :class:`NotFittedError` unless fitted."""
 
     # ------------------------------------------------------------------ scores and maps
     def score_samples(self, images: Sequence[ImageLike]) -> np.ndarray:
@@ -243,6 +164,53 @@ class Detector(ABC):
             "is_anomalous": bool(score >= threshold),
             "normalized_score": float(normalize(np.array([score]), threshold)[0]),
         }
+
+
+class Detector(Scorer):
+    """The contract every detector satisfies; see the module docstring.
+
+    Learned state (after ``fit``, ``from_state`` or ``load``): ``n_train_`` (good images in the bank),
+    ``fit_stats_`` (timings and sizes of the last fit), ``thresholds_`` (:class:`Thresholds`).
+    """
+
+    #: The model-file kind this detector is stored as (registered in ``patchcore.detectors.KINDS``).
+    kind: ClassVar[str]
+
+    n_train_: int
+    fit_stats_: dict[str, Any]
+    provenance_: dict[str, Any]  # set by from_state: format and package version and time of the state's file
+
+    # ------------------------------------------------------------------ what a detector implements
+    @abstractmethod
+    def fit(self: D, images: Sequence[ImageLike]) -> D:
+        """Learn from good images only. Returns self."""
+
+    @abstractmethod
+    def partial_fit(self: D, images: Sequence[ImageLike]) -> D:
+        """Add good images to a fitted detector without revisiting the old ones. Returns self."""
+
+    @abstractmethod
+    def get_state(self) -> DetectorState:
+        """The fitted detector as data (what its model file holds)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls: type[D], state: DetectorState, *, source: str | os.PathLike = "state", **runtime: Any) -> D:
+        """A fitted detector from :meth:`get_state`'s output; ``runtime`` as the constructor's runtime
+        arguments (device, batch_size, search, progress); ``source`` names the state in error messages."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (the config, or the ensemble's members and settings)."""
+
+    @property
+    @abstractmethod
+    def memory_bank_size(self) -> int:
+        """Rows in the memory bank(s)."""
+
+    @abstractmethod
+    def _manual_thresholds(self) -> tuple[float | None, float | None]:
+        """(image, pixel) thresholds given by hand in the settings; calibration keeps them."""
 
     def calibrate(self: D, good_images: Sequence[ImageLike], fpr: float) -> D:
         """Set the image and pixel thresholds from good images that are not in the bank. Returns self.

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from ..config import PatchCoreConfig
-from ..core.thresholds import split_calibration
+from ..core.thresholds import is_count, split_calibration
 from ..errors import PatchCoreError
 from ..imaging import DEFAULT_MAX_PIXELS, ImageLike, load_image
 from ..persistence import DetectorState
 from ..persistence.model_file import ENSEMBLE_KIND, SINGLE_KIND
-from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, is_count, not_fitted
+from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, not_fitted
 from .patchcore import PatchCore
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from ..core.coreset import (
 from ..core.features import patch_features
 from ..core.maps import anomaly_maps
 from ..core.scoring import image_score, patch_scores
-from ..core.thresholds import split_calibration
+from ..core.thresholds import is_count, split_calibration
 from ..errors import PatchCoreError
 from ..imaging import (
     DEFAULT_MAX_PIXELS,
@@ -45,7 +45,7 @@ from ..imaging import (
 from ..persistence import DetectorState
 from ..persistence.model_file import SINGLE_KIND
 from ..search import SEARCH_BACKENDS, build_index
-from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, is_count, not_fitted
+from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, not_fitted
 
 logger = logging.getLogger(__name__)
 

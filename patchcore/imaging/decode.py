@@ -8,17 +8,22 @@ dropped: the part is what matters, not the background).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import PatchCoreError
 
-ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+# torch is not imported here (the torch-free runtime decodes with this module); a tensor can only exist
+# when torch has been imported, so load_image looks for it in sys.modules.
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -129,7 +134,8 @@ def load_image(source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
         return read_image_file(source, max_pixels)
     if isinstance(source, Image.Image):
         return pil_to_array(source)
-    if isinstance(source, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(source, torch.Tensor):
         tensor = source.detach().cpu()
         if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4):
             tensor = tensor.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)

@@ -1,5 +1,8 @@
 """Geometry: how an image becomes one model input (resize, centre crop, keep-aspect, normalisation), and
 how a map at input resolution goes back onto the original image. The one definition of preprocessing.
+
+numpy and Pillow only (the torch-free runtime uses it); :mod:`.tensors` holds the torch side, which
+resizes with torch's own kernels: :mod:`.resample` gives the same pixels without torch.
 """
 
 from __future__ import annotations
@@ -7,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import PatchCoreError
+from .resample import resize_antialiased, resize_bilinear
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def geometry_for(shape: tuple[int, int], resize: int, crop: int | None, keep_asp
     return Geometry(shape, resize, crop, resized)
 
 
-def preprocess(
+def preprocess_array(
     image: np.ndarray,
     resize: int,
     crop: int | None,
@@ -87,76 +89,38 @@ def preprocess(
     std: tuple[float, ...],
     *,
     keep_aspect: bool = False,
-) -> tuple[torch.Tensor, Geometry]:
-    """(H, W, 3) float image -> normalised (3, h, w) tensor and the geometry to map results back.
-
-    (h, w) = (crop, crop); with keep_aspect and no crop, the resized image's (H, W) (shorter side = resize).
-    """
+) -> tuple[np.ndarray, Geometry]:
+    """(H, W, 3) float image -> normalised (3, h, w) float32 array and its geometry: the pixels
+    :func:`patchcore.imaging.tensors.preprocess` gives, computed without torch (to float32 rounding)."""
     geometry = geometry_for((image.shape[0], image.shape[1]), resize, crop, keep_aspect)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-    if x.shape[-2:] != geometry.size:
-        x = F.interpolate(x, size=geometry.size, mode="bilinear", align_corners=False, antialias=True)
+    x = resize_antialiased(np.asarray(image, dtype=np.float32), geometry.size)
     (oy, ox), (ih, iw) = geometry.offsets, geometry.input_shape
-    x = x[..., oy : oy + ih, ox : ox + iw].clamp_(0.0, 1.0)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x - mean_t) / std_t)[0], geometry
-
-
-def mask_to_input(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """(H, W) ground-truth mask -> (crop, crop) bool, resized (nearest) and cropped like its image."""
-    m = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.float32))[None, None]
-    m = F.interpolate(m, size=(resize, resize), mode="nearest")
-    o = int(round((resize - crop) / 2.0))
-    return m[0, 0, o : o + crop, o : o + crop].numpy() > 0.5
-
-
-def mask_to_map(mask: np.ndarray, geometry: Geometry | TiledGeometry) -> np.ndarray:
-    """(H, W) ground-truth mask -> bool mask on the pixels of its image's map as the model yields it
-    (``geometry.input_shape``): resized (nearest) and cropped like the image; for a tiled image, resized
-    to the scaled image (the original pixels when tile_scale is 1)."""
-    mask = np.asarray(mask)
-    if isinstance(geometry, TiledGeometry):
-        target = geometry.scaled
-    elif geometry.resized is None and geometry.crop is not None:
-        return mask_to_input(mask, geometry.resize, geometry.crop)  # the square path, exactly as before
-    else:
-        target = geometry.size
-    m = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.float32))[None, None]
-    if tuple(m.shape[-2:]) != tuple(target):
-        m = F.interpolate(m, size=tuple(target), mode="nearest")
-    if isinstance(geometry, Geometry):
-        (oy, ox), (ih, iw) = geometry.offsets, geometry.input_shape
-        m = m[..., oy : oy + ih, ox : ox + iw]
-    return m[0, 0].numpy() > 0.5
+    x = np.clip(x[oy : oy + ih, ox : ox + iw], 0.0, 1.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), geometry
 
 
 def place_map(anomaly_map: np.ndarray, geometry: Geometry, fill: float | None) -> np.ndarray:
     """An input-resolution map -> the image of ``geometry.original``; outside the crop: fill (None: its min)."""
-    amap = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))
+    amap = np.asarray(anomaly_map, dtype=np.float32)
     if tuple(amap.shape) != tuple(geometry.input_shape):
         raise PatchCoreError(
             f"anomaly map of shape {tuple(amap.shape)} does not match the input shape {geometry.input_shape}"
         )
-    canvas = torch.full(geometry.size, float(amap.min()) if fill is None else fill)
+    canvas = np.full(geometry.size, float(amap.min()) if fill is None else fill, dtype=np.float32)
     (oy, ox), (ih, iw) = geometry.offsets, geometry.input_shape
     canvas[oy : oy + ih, ox : ox + iw] = amap
-    out = F.interpolate(canvas[None, None], size=geometry.original, mode="bilinear", align_corners=False)
-    return out[0, 0].numpy()
+    return resize_bilinear(canvas, geometry.original)
 
 
 def map_to_original(anomaly_map: np.ndarray, geometry: Geometry | TiledGeometry) -> np.ndarray:
     """Map at input resolution -> (H, W) map on the original image; what the crop cut away gets the map's
     minimum. A tiled image's map (already stitched at the scaled size) is only resized, when scaled."""
     if isinstance(geometry, TiledGeometry):
-        amap = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))
+        amap = np.asarray(anomaly_map, dtype=np.float32)
         if tuple(amap.shape) != tuple(geometry.scaled):
             raise PatchCoreError(
                 f"anomaly map of shape {tuple(amap.shape)} does not match the tiled image {geometry.scaled}"
             )
-        if tuple(geometry.scaled) == tuple(geometry.original):
-            return amap.numpy().copy()
-        return F.interpolate(amap[None, None], size=geometry.original, mode="bilinear", align_corners=False)[
-            0, 0
-        ].numpy()
+        return resize_bilinear(amap, geometry.original)
     return place_map(anomaly_map, geometry, None)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatchCoreError
-from .geometry import TiledGeometry, geometry_for, place_map, preprocess
+from .geometry import TiledGeometry, geometry_for, place_map
+from .tensors import preprocess
 
 
 def tile_positions(length: int, tile: int, overlap: float) -> list[int]:

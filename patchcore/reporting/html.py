@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..detectors.base import Thresholds
+from ..core.thresholds import Thresholds
 from ..evaluation.metrics import one_against_good, roc_curve
 from .overlays import RunRange, colorize, render_overlay, thumbnail, to_png_bytes
 

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..detectors.base import Thresholds
-from ..imaging import Geometry, TiledGeometry, load_image, map_to_original
+from ..core.thresholds import Thresholds
+from ..imaging.decode import load_image
+from ..imaging.geometry import Geometry, TiledGeometry, map_to_original
 from ..persistence import write_bytes
 from .files import output_names, with_extension
 

@@ -13,13 +13,36 @@ the approximate kinds (ivf, hnsw) trade a small score drift for speed: see bench
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .bf16 import FilteredExactIndex
-from .exact import ExactIndex
+    from .bf16 import FilteredExactIndex
+    from .exact import ExactIndex
+
+# The indexes (and torch) load when one is built: the command line lists the backends without torch.
+_LAZY = {"FilteredExactIndex": ".bf16", "ExactIndex": ".exact"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
+
+def _exact(bank: torch.Tensor, chunk_size: int | None, seed: int) -> Any:
+    from .bf16 import FilteredExactIndex
+
+    return FilteredExactIndex(bank, chunk_size)
+
+
+def _exact_fp32(bank: torch.Tensor, chunk_size: int | None, seed: int) -> Any:
+    from .exact import ExactIndex
+
+    return ExactIndex(bank, chunk_size)
 
 
 def _faiss(kind: str) -> Callable[[torch.Tensor, int | None, int], Any]:
@@ -32,8 +55,8 @@ def _faiss(kind: str) -> Callable[[torch.Tensor, int | None, int], Any]:
 
 
 BACKENDS: dict[str, Callable[[torch.Tensor, int | None, int], Any]] = {
-    "exact": lambda bank, chunk_size, seed: FilteredExactIndex(bank, chunk_size),
-    "exact-fp32": lambda bank, chunk_size, seed: ExactIndex(bank, chunk_size),
+    "exact": _exact,
+    "exact-fp32": _exact_fp32,
     "faiss-flat": _faiss("flat"),
     "faiss-ivf": _faiss("ivf"),
     "faiss-hnsw": _faiss("hnsw"),

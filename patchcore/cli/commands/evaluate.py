@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 from ...errors import PatchCoreError
-from ...evaluation.evaluate import evaluate
 from ...reporting.files import with_extension, write_csv, write_json, write_text
 from ...reporting.overlays import OverlayWriter, sample_names
 from ..options import (
@@ -83,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             watch(*seen)
 
     curves: dict = {}
+    from ...evaluation.evaluate import evaluate  # torch: only when the command runs
+
     metrics, rows = evaluate(detector, dataset, on_map=on_map if watchers else None, curves=curves)
     if args.overlays:
         overlays.finish()
