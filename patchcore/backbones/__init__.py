@@ -147,6 +147,10 @@ class Backbone(nn.Module):
         parts = [self._run(self.body, x[i : i + step]) for i in range(0, len(x), step)]
         return [torch.cat(level) for level in zip(*parts)]
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps of :meth:`forward` in one pass, without slicing the batch: a graph to trace or export."""
+        return self._run(self.body, x)
+
     @property
     def feature_info(self) -> list[FeatureInfo]:
         """Channels and strides of the requested layers, read off one dry forward pass."""

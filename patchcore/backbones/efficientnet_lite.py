@@ -12,6 +12,7 @@ padding at the bottom/right for stride 2) and batch norm uses eps = 1e-3.
 from __future__ import annotations
 
 import math
+from typing import cast
 from dataclasses import dataclass
 
 import torch
@@ -64,14 +65,24 @@ class SameConv2d(nn.Conv2d):
     of copying the input into a padded tensor (F.pad runs several times slower than the depthwise conv
     itself), the conv pads symmetrically by the larger amount and the kernel gets as many leading zero
     taps as the top/left is short: each output then reads the same inputs with the same weights.
+
+    ``pad_inputs`` (set for ONNX export) pads the input instead, with no branch on the input size: the
+    graph then serves inputs of any size, and ONNX Runtime cannot fold a padded kernel (it mis-resolves
+    such a folded weight).
     """
 
+    pad_inputs = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
+        pads: list[tuple[int, int]] = []
         for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            # (SymInts while exporting: no branch on the size)
+            total = cast(int, torch.sym_max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0))
             pads.append((total // 2, total - total // 2))
         (top, bottom), (left, right) = pads
+        if self.pad_inputs:
+            x = F.pad(x, (left, right, top, bottom))
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         weight = self.weight
         if bottom != top or right != left:
             if self.dilation != (1, 1):  # a leading zero tap would shift by one pixel, not one dilation step

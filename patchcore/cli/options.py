@@ -20,6 +20,7 @@ from ..search import SEARCH_BACKENDS
 if TYPE_CHECKING:  # the detectors import torch: they load when a command needs one (see load_detector)
     from ..datasets import Dataset
     from ..detectors import Detector
+    from ..detectors.base import Scorer
 
 CHOICES = {"scoring": SCORING_MODES, "coreset_method": CORESET_METHODS, "normalization": NORMALIZATIONS}
 RESULT_KEYS = ("path", "score", "threshold", "is_anomalous", "normalized_score")
@@ -182,6 +183,18 @@ def load_detector(path: str, args: argparse.Namespace) -> Detector:
     from ..detectors import load
 
     return load(path, **runtime_from_args(args))
+
+
+def load_scorer(path: str, args: argparse.Namespace) -> Scorer:
+    """What scores images: an exported ``.onnx`` on the torch-free runtime, else the model file's detector."""
+    if Path(path).suffix.lower() != ".onnx":
+        return load_detector(path, args)
+    from ..runtime import OnnxDetector
+
+    for flag, value, default in (("--device", args.device, "cpu"), ("--search", args.search, "exact")):
+        if value != default:
+            raise PatchCoreError(f"{flag} does not apply to an .onnx model (ONNX Runtime on the CPU, exact search)")
+    return OnnxDetector.load(path, batch_size=args.batch_size, max_pixels=args.max_pixels)
 
 
 def refuse_model_settings(args: argparse.Namespace, why: str) -> None:

@@ -99,7 +99,7 @@ class Scorer(ABC):
 
     #: "distance": scores are non-negative distances (normalised as s / (s + t)); "standardized": scores
     #: of any sign in standard deviations of good images (normalised by a logistic around t).
-    score_scale: ClassVar[str] = "distance"
+    score_scale: str = "distance"
 
     batch_size: int | None
     thresholds_: Thresholds

@@ -29,7 +29,7 @@ def resize_antialiased(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     if image.ndim == 2:
         plane = Image.fromarray(np.ascontiguousarray(image, np.float32), mode="F")
-        return np.asarray(plane.resize((w, h), Image.BILINEAR))
+        return np.asarray(plane.resize((w, h), Image.Resampling.BILINEAR))
     channels = [resize_antialiased(image[..., c], (h, w)) for c in range(image.shape[2])]
     return np.stack(channels, axis=-1)
 

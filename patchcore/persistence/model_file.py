@@ -113,9 +113,13 @@ def signature(key: bytes, digest: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def check_model_target(path: str | os.PathLike) -> None:
+def check_model_target(path: str | os.PathLike, recognise: Callable[[Path], object] | None = None) -> None:
     """Refuse to write a model over anything but a PatchCore model file: a folder, a symbolic link, a FIFO
-    or device, or a file that is not a model (a mistyped -o must never destroy data)."""
+    or device, or a file that is not a model (a mistyped -o must never destroy data).
+
+    ``recognise(path)`` raises PatchCoreError unless an existing file may be replaced (default: it must be
+    a model file this version reads; exports pass their own check).
+    """
     path = Path(path)
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
@@ -135,7 +139,7 @@ def check_model_target(path: str | os.PathLike) -> None:
     if not path.is_file():
         raise PatchCoreError(f"{path}: is not a regular file (a FIFO or a device): name a model file")
     try:
-        read_header(path)
+        (recognise or read_header)(path)
     except PatchCoreError:
         raise PatchCoreError(
             f"{path}: exists and is not a PatchCore model this version can read, so it is not overwritten: "

@@ -20,7 +20,7 @@ from ..options import (
     add_runtime_flags,
     check_output_folder,
     check_planned_outputs,
-    load_detector,
+    load_scorer,
 )
 
 NAME = "predict"
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     planned += [out / folder / with_extension(name, ".png") for name in names for folder in ("overlays", "masks")]
     planned += [out / "maps" / with_extension(name, ".npy") for name in names]
     check_planned_outputs(planned, [Path(args.model), *(path for path, _ in inputs)])
-    detector = load_detector(args.model, args)
+    detector = load_scorer(args.model, args)
     rows: list[dict | None] = [None] * len(inputs)
     failed = 0
     batch: list[tuple[int, np.ndarray]] = []

@@ -1,0 +1,180 @@
+"""The torch-free runtime: score images with an exported model (``patchcore export``) on ONNX Runtime.
+
+Needs numpy, Pillow and onnxruntime only (``pip install --no-deps patchcore`` plus those three; README,
+"Export and deploy"). :class:`OnnxDetector` is a :class:`~patchcore.detectors.base.Scorer`: the same
+``infer``, ``score_samples``, ``anomaly_maps``, ``predict`` and ``decide`` as the torch model, and images
+are prepared by :func:`patchcore.imaging.geometry.preprocess_array`, which gives the pixels the torch
+model's preprocessing gives. Loading checks the file's metadata and the SHA-256 of its memory bank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.thresholds import Thresholds
+from ..detectors.base import Inference, Scorer
+from ..errors import NotFittedError, PatchCoreError
+from ..imaging.decode import DEFAULT_MAX_PIXELS, ImageLike, load_image
+from ..imaging.geometry import Geometry, preprocess_array
+from .onnx_file import Malformed, read_metadata, tensor_sha256
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "patchcore"
+EXPORT_FORMAT = "patchcore-onnx"
+EXPORT_VERSION = 1
+# Input pixels per ONNX Runtime call (about two 384 px images): the graph's intermediates grow with the
+# batch, and on a CPU a small batch runs as fast per image (see backbones.CPU_PIXELS_PER_SLICE).
+PIXELS_PER_RUN = 300_000
+
+
+class OnnxDetector(Scorer):
+    """An exported PatchCore model on ONNX Runtime (CPU). Use :meth:`load`.
+
+    Attributes: ``metadata_`` (the export's metadata document), ``config_`` (the model's settings as a
+    dict), ``thresholds_``, ``model_sha256_`` (of the memory bank, checked at load).
+    """
+
+    def __init__(self, *, batch_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **runtime: Any) -> OnnxDetector:
+        """Open an exported ``.onnx``; refuse files that are not patchcore exports or whose bank was altered."""
+        path = Path(path)
+        if not path.is_file():
+            raise PatchCoreError(f"{path}: no such model file")
+        try:
+            metadata, buffer = read_metadata(path)
+        except (Malformed, UnicodeDecodeError) as exc:
+            raise PatchCoreError(
+                f"{path}: not an ONNX model ({exc}): pass a file written by `patchcore export`"
+            ) from None
+        try:
+            document = _document(metadata)
+            digest = tensor_sha256(buffer, document["bank"]["initializer"], path.parent)
+        except PatchCoreError as exc:
+            raise PatchCoreError(f"{path}: {exc}") from None
+        except (Malformed, KeyError, TypeError) as exc:
+            raise PatchCoreError(f"{path}: malformed export ({exc!r}): export the model again") from None
+        finally:
+            buffer.close()
+        if digest != document["bank"]["sha256"]:
+            raise PatchCoreError(
+                f"{path}: the memory bank's SHA-256 ({digest[:12]}) differs from the one recorded at export "
+                f"({str(document['bank']['sha256'])[:12]}): the file was altered or damaged; export the model again"
+            )
+        model = cls(**runtime)
+        model._open(path, document)
+        return model
+
+    @staticmethod
+    def read_metadata(path: Path, keep_open: bool = False) -> Any:
+        """The export's metadata document (and with ``keep_open`` the file's memory map); a one-line
+        PatchCoreError when the file is not a patchcore ONNX export."""
+        if not path.is_file():
+            raise PatchCoreError(f"{path}: no such model file")
+        try:
+            metadata, buffer = read_metadata(path)
+        except (Malformed, UnicodeDecodeError) as exc:
+            raise PatchCoreError(
+                f"{path}: not an ONNX model ({exc}): pass a file written by `patchcore export`"
+            ) from None
+        try:
+            document = _document(metadata)
+        except PatchCoreError as exc:
+            buffer.close()
+            raise PatchCoreError(f"{path}: {exc}") from None
+        if keep_open:
+            return document, buffer
+        buffer.close()
+        return document
+
+    def _open(self, path: Path, document: dict[str, Any]) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise PatchCoreError("an .onnx model needs ONNX Runtime: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session_ = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime's own errors: a damaged graph
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PatchCoreError(f"{path}: ONNX Runtime cannot load it ({first}): export the model again") from None
+        self.metadata_ = document
+        self.config_ = dict(document["config"])
+        self.thresholds_ = Thresholds.from_dict(document.get("thresholds"))
+        self.model_sha256_ = document["bank"]["sha256"]
+        self.score_scale = document.get("score_scale", "distance")
+        self.source_ = str(path)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "session_"):
+            raise NotFittedError("this OnnxDetector holds no model: use OnnxDetector.load(path)")
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.config_)
+
+    @property
+    def memory_bank_size(self) -> int:
+        self._check_fitted()
+        return int(self.metadata_["bank"]["rows"])
+
+    def infer(self, images: Sequence[ImageLike], *, maps: bool = True) -> Iterator[Inference]:
+        """Per image: (score, map at input resolution or None, geometry), lazily, in order."""
+        self._check_fitted()
+        spec = self.metadata_["input"]
+        mean, std = tuple(spec["mean"]), tuple(spec["std"])
+        crop = spec["crop"] if spec["keep_aspect"] else (spec["crop"] or spec["resize"])
+        batch: list[tuple[np.ndarray, Geometry]] = []
+        for image in images:
+            array = load_image(image, self.max_pixels)
+            x, geometry = preprocess_array(array, spec["resize"], crop, mean, std, keep_aspect=spec["keep_aspect"])
+            if batch and (len(batch) == self.resolved_batch_size() or x.shape != batch[0][0].shape):
+                yield from self._run(batch, maps)
+                batch = []
+            batch.append((x, geometry))
+        if batch:
+            yield from self._run(batch, maps)
+
+    def _run(self, batch: list[tuple[np.ndarray, Geometry]], maps: bool) -> Iterator[Inference]:
+        step = max(1, PIXELS_PER_RUN // (batch[0][0].shape[1] * batch[0][0].shape[2]))
+        for start in range(0, len(batch), step):
+            part = batch[start : start + step]
+            scores, amaps = self.session_.run(None, {"input": np.stack([x for x, _ in part])})
+            for (_, geometry), score, amap in zip(part, scores, amaps):
+                yield Inference(float(score), amap if maps else None, geometry)
+
+
+def _document(metadata: dict[str, str]) -> dict[str, Any]:
+    """The export's metadata document, checked: format, version and the fields the runtime reads."""
+    if METADATA_KEY not in metadata:
+        raise PatchCoreError("not exported by `patchcore export` (no patchcore metadata): export the model with it")
+    try:
+        document = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise PatchCoreError(f"the patchcore metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise PatchCoreError("the patchcore metadata is not an export's: export the model again")
+    version = document.get("format_version")
+    if not isinstance(version, int) or version > EXPORT_VERSION:
+        raise PatchCoreError(f"export format version {version!r} is newer than this runtime reads: upgrade patchcore")
+    spec = document.get("input")
+    if not isinstance(spec, dict) or not {"resize", "crop", "keep_aspect", "mean", "std"} <= set(spec):
+        raise PatchCoreError("the patchcore metadata lacks the input geometry: export the model again")
+    bank = document.get("bank")
+    if not isinstance(bank, dict) or not {"initializer", "sha256", "rows"} <= set(bank):
+        raise PatchCoreError("the patchcore metadata lacks the memory bank's hash: export the model again")
+    return document
+
+
+__all__ = ["OnnxDetector"]
