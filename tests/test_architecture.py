@@ -19,8 +19,8 @@ LAYERS = [
     {"config"},
     {"imaging", "backbones", "persistence", "search"},
     {"detectors", "datasets"},
-    {"evaluation"},
-    {"reporting"},
+    {"evaluation", "runtime"},
+    {"reporting", "export"},
     {"cli"},
 ]
 RANK = {component: rank for rank, layer in enumerate(LAYERS) for component in layer}
@@ -100,7 +100,18 @@ def test_the_import_graph_sees_function_level_imports():
 
 
 @pytest.mark.parametrize(
-    "module", ["patchcore", "patchcore.evaluation.metrics", "patchcore.config", "patchcore.persistence"]
+    "module",
+    [
+        "patchcore",
+        "patchcore.evaluation.metrics",
+        "patchcore.config",
+        "patchcore.persistence",
+        # what the torch-free runtime runs: `patchcore predict model.onnx` (tests/test_export.py runs it)
+        "patchcore.runtime",
+        "patchcore.cli",
+        "patchcore.reporting.overlays",
+        "patchcore.reporting.files",
+    ],
 )
 def test_light_modules_do_not_import_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"

@@ -12,7 +12,6 @@ padding at the bottom/right for stride 2) and batch norm uses eps = 1e-3.
 from __future__ import annotations
 
 import math
-from typing import cast
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +57,25 @@ def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
     return int(rounded)
 
 
+def same_padding(size: int, extent: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding of TF's "SAME" for a side of ``size`` and a kernel spanning ``extent`` pixels.
+
+    The total is max((ceil(size / stride) - 1) * stride + extent - size, 0); for stride 2 that is
+    extent - 2 + size % 2, one remainder and no branch on the size, so that an export with symbolic sizes
+    stays a small expression (nested ceilings made torch.export's shape reasoning take minutes).
+
+    >>> [same_padding(n, 5, 2) for n in (8, 9)], same_padding(7, 3, 1)
+    ([(1, 2), (2, 2)], (1, 1))
+    """
+    if stride == 1:
+        total = extent - 1
+    elif stride == 2 and extent >= 2:
+        total = extent - 2 + size % 2  # ONNX's integer division truncates: keep every operand non-negative
+    else:
+        total = max(((size + stride - 1) // stride - 1) * stride + extent - size, 0)
+    return total // 2, total - total // 2
+
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding computed from the input size (asymmetric when needed).
 
@@ -76,9 +94,7 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads: list[tuple[int, int]] = []
         for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
-            # (SymInts while exporting: no branch on the size)
-            total = cast(int, torch.sym_max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0))
-            pads.append((total // 2, total - total // 2))
+            pads.append(same_padding(size, (k - 1) * d + 1, s))
         (top, bottom), (left, right) = pads
         if self.pad_inputs:
             x = F.pad(x, (left, right, top, bottom))

@@ -28,7 +28,7 @@ from ..backbones import Backbone
 from ..backbones.efficientnet_lite import SameConv2d
 from ..config import PatchCoreConfig
 from ..core.features import local_average
-from ..core.maps import gaussian_kernel1d
+from ..core.maps import gaussian_kernel1d, symmetric_indices
 from ..core.scoring_modes import scoring_rule
 
 # Distances held at once per input image (patches x chunk_rows, 16 MiB of fp32 at most): the graph's
@@ -64,6 +64,7 @@ class PatchCoreGraph(nn.Module):
     k: int
     top_k: int
     num_neighbors: int
+    least_side: int
 
     def __init__(
         self, backbone: Backbone, bank: torch.Tensor, config: PatchCoreConfig, feature_channels: list[int], patches: int
@@ -81,6 +82,7 @@ class PatchCoreGraph(nn.Module):
         self.top_k = int(config.image_top_k if config.image_top_k is not None else rule.default_top_k)
         self.num_neighbors = min(config.num_neighbors, bank.shape[0])
         self.patch_size = config.patch_size
+        self.least_side = config.crop or config.resize  # keep-aspect inputs are at least this long on each side
         self.chunk_rows = max(1, DISTANCES_PER_IMAGE // max(1, patches))
         self.sigma = float(config.sigma)
         self.register_buffer("kernel", gaussian_kernel1d(self.sigma) if self.sigma > 0 else torch.ones(1))
@@ -147,8 +149,8 @@ class PatchCoreGraph(nn.Module):
             return maps[:, 0]
         radius = self.kernel.shape[0] // 2
         height, width = maps.shape[-2], maps.shape[-1]
-        rows = reflect_indices(height, radius, maps.device)
-        cols = reflect_indices(width, radius, maps.device)
+        rows = reflect_indices(height, radius, maps.device, self.least_side)
+        cols = reflect_indices(width, radius, maps.device, self.least_side)
         x = F.conv2d(maps.index_select(2, rows), self.kernel.view(1, 1, -1, 1))
         return F.conv2d(x.index_select(3, cols), self.kernel.view(1, 1, 1, -1))[:, 0]
 
@@ -171,7 +173,14 @@ class PatchCoreGraph(nn.Module):
         return image, self.blur(up)
 
 
-def reflect_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
-    """:func:`patchcore.core.maps.symmetric_indices` for a size known only when the graph runs."""
-    i = torch.arange(-radius, size + radius, device=device) % (2 * size)
-    return torch.where(i >= size, 2 * size - 1 - i, i)
+def reflect_indices(size: int, radius: int, device: torch.device, least: int = 1) -> torch.Tensor:
+    """:func:`patchcore.core.maps.symmetric_indices`, also for a size known only when the graph runs
+    (keep-aspect inputs): there by folding out-of-range indices back, as often as a size of at least
+    ``least`` may need, without the modulo ONNX cannot take of a symbolic size."""
+    if isinstance(size, int):
+        return symmetric_indices(size, radius).to(device)
+    i = torch.arange(-radius, size + radius, device=device)
+    for _ in range(-(-radius // least) + 1):
+        i = torch.where(i < 0, -i - 1, i)
+        i = torch.where(i >= size, 2 * size - 1 - i, i)
+    return i
