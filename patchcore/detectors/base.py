@@ -103,6 +103,8 @@ class Scorer(ABC):
 
     batch_size: int | None
     thresholds_: Thresholds
+    n_train_: int
+    fit_stats_: dict[str, Any]
 
     @abstractmethod
     def infer(self, images: Sequence[ImageLike], *, maps: bool = True) -> Iterator[Inference]:
@@ -111,6 +113,15 @@ class Scorer(ABC):
     @abstractmethod
     def _check_fitted(self) -> None:
         """Raise :class:`NotFittedError` unless fitted."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (the config, or the ensemble's members and settings)."""
+
+    @property
+    @abstractmethod
+    def memory_bank_size(self) -> int:
+        """Rows in the memory bank(s)."""
 
     def resolved_batch_size(self) -> int:
         """The images handled together: ``batch_size``, or 32 when it is None."""
@@ -176,8 +187,6 @@ class Detector(Scorer):
     #: The model-file kind this detector is stored as (registered in ``patchcore.detectors.KINDS``).
     kind: ClassVar[str]
 
-    n_train_: int
-    fit_stats_: dict[str, Any]
     provenance_: dict[str, Any]  # set by from_state: format and package version and time of the state's file
 
     # ------------------------------------------------------------------ what a detector implements
@@ -198,15 +207,6 @@ class Detector(Scorer):
     def from_state(cls: type[D], state: DetectorState, *, source: str | os.PathLike = "state", **runtime: Any) -> D:
         """A fitted detector from :meth:`get_state`'s output; ``runtime`` as the constructor's runtime
         arguments (device, batch_size, search, progress); ``source`` names the state in error messages."""
-
-    @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """The settings as a JSON-able dict (the config, or the ensemble's members and settings)."""
-
-    @property
-    @abstractmethod
-    def memory_bank_size(self) -> int:
-        """Rows in the memory bank(s)."""
 
     @abstractmethod
     def _manual_thresholds(self) -> tuple[float | None, float | None]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..datasets import GOOD, Dataset, Sample
-from ..detectors.base import Detector
+from ..detectors.base import Scorer
 from ..errors import PatchCoreError
 from ..imaging import Geometry, TiledGeometry, mask_to_map, read_mask_file
 from .metrics import auroc, one_against_good, pixel_auroc, pro_area, pro_curve
@@ -22,7 +22,7 @@ OnMap = Callable[[int, Sample, float, np.ndarray, "Geometry | TiledGeometry"], N
 
 
 def evaluate(
-    detector: Detector,
+    detector: Scorer,
     dataset: Dataset,
     *,
     on_map: OnMap | None = None,

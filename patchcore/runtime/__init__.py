@@ -114,6 +114,8 @@ class OnnxDetector(Scorer):
         self.config_ = dict(document["config"])
         self.thresholds_ = Thresholds.from_dict(document.get("thresholds"))
         self.model_sha256_ = document["bank"]["sha256"]
+        self.n_train_ = int(document.get("n_train") or 0)
+        self.fit_stats_: dict[str, Any] = {}
         self.score_scale = document.get("score_scale", "distance")
         self.source_ = str(path)
 

@@ -19,7 +19,7 @@ from ..options import (
     check_output_folder,
     check_planned_outputs,
     dataset_from_args,
-    load_detector,
+    load_scorer,
     make_detector,
     refuse_model_settings,
 )
@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", nargs="?", help="MVTec/MPDD/BTAD or VisA category, or 'textile'")
     add_folder_flags(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    parser.add_argument("--model", metavar="MODEL", help="evaluate this model instead of fitting one")
+    parser.add_argument(
+        "--model", metavar="MODEL", help="evaluate this model (a model file or an .onnx export) instead of fitting one"
+    )
     parser.add_argument(
         "--overlays", action="store_true", help=f"write OUT/overlays/<defect type>/<file name>.png: {OVERLAY_HELP}"
     )
@@ -50,11 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_output_folder(out, [Path(p) for p in (args.model, args.data, args.good, args.defective, args.masks) if p])
+    learner = None
     if args.model:  # settings and model first: a bad one is refused before any image is read
         refuse_model_settings(args, "--model takes its settings from the model file")
-        detector = load_detector(args.model, args)
+        detector = load_scorer(args.model, args)
     else:
-        detector = make_detector(args)
+        detector = learner = make_detector(args)
     dataset = dataset_from_args(args)
     if not dataset.test:
         raise PatchCoreError(
@@ -65,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     planned += [out / folder / with_extension(name, ".png") for name in names for folder in ("overlays", "masks")]
     images = [*dataset.train, *(s.path for s in dataset.test), *(s.mask_path for s in dataset.test if s.mask_path)]
     check_planned_outputs(planned, [Path(p) for p in (args.model, *images) if p])
-    if not args.model:
-        detector.fit(dataset.train)
+    if learner is not None:
+        learner.fit(dataset.train)
     watchers = []
     if args.overlays:
         overlays = OverlayWriter(out, detector.thresholds_, detector.score_scale)

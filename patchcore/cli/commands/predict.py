@@ -31,7 +31,7 @@ logger = logging.getLogger("patchcore")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("model", metavar="MODEL", help="a model file, or an .onnx export (runs without torch)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--maps", action="store_true", help="write OUT/maps/<relative path>.npy anomaly maps")
