@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from ...detectors import load
 from ...persistence import read_document
 
 NAME = "info"
@@ -14,10 +14,18 @@ HELP = "print a model file's settings and provenance (verified like a load)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("model", metavar="MODEL", help="a model file, or an .onnx export (its metadata)")
 
 
 def run(args: argparse.Namespace) -> int:
-    load(args.model)  # refuses what a load refuses, in one line
-    print(json.dumps(read_document(args.model), indent=2, sort_keys=True))
+    if Path(args.model).suffix.lower() == ".onnx":
+        from ...runtime import OnnxDetector
+
+        document = OnnxDetector.load(args.model).metadata_  # checks the bank's hash, as a load does
+    else:
+        from ...detectors import load
+
+        load(args.model)  # refuses what a load refuses, in one line
+        document = read_document(args.model)
+    print(json.dumps(document, indent=2, sort_keys=True))
     return 0
