@@ -45,7 +45,7 @@ else:
     import numpy as np, openvino
     from patchcore.imaging import load_image, preprocess_array
     meta = json.loads(open(model + ".json").read())["input"]
-    compiled = openvino.Core().compile_model(model, "CPU")
+    compiled = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     size = meta["crop"] or meta["resize"]
     prepare = lambda p: preprocess_array(load_image(p), meta["resize"], size, meta["mean"], meta["std"])[0]
     def run(images):

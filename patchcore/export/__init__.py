@@ -206,8 +206,10 @@ def _save_onnx(proto: Any, file: Path) -> None:
     if external:
         from onnx.external_data_helper import convert_model_to_external_data
 
+        # the bank (and any tensor as large) beside the graph; the rest stays inside
+        threshold = bank["rows"] * bank["dim"] * 4
         convert_model_to_external_data(
-            proto, all_tensors_to_one_file=True, location=file.name + ".data", size_threshold=1024
+            proto, all_tensors_to_one_file=True, location=file.name + ".data", size_threshold=threshold
         )
     onnx.save_model(proto, str(file))
     for written in file.parent.iterdir():
