@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from patchcore.imaging import Geometry, geometry_for, map_to_original, preprocess, preprocess_array
-from patchcore.imaging.resample import resize_antialiased, resize_bilinear
+from patchcore.imaging.resample import resize_antialiased, resize_bilinear, resize_nearest
 
 SIZES = np.random.default_rng(0).integers(2, 90, (60, 4))
 
@@ -50,3 +50,11 @@ def test_maps_go_back_onto_the_original_like_torch():
     expected = F.interpolate(canvas[None, None], size=(75, 130), mode="bilinear", align_corners=False)[0, 0].numpy()
     np.testing.assert_allclose(map_to_original(amap, geometry), expected, atol=1e-6)
     assert map_to_original(amap, Geometry((56, 56), 56, 56)).tolist() == amap.tolist()
+
+
+@pytest.mark.parametrize("sizes", SIZES[:20].tolist())
+def test_nearest_resize_equals_torchs(sizes):
+    h, w, out_h, out_w = sizes
+    mask = np.random.default_rng(int(h + w)).random((h, w)) > 0.5
+    expected = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(out_h, out_w))[0, 0]
+    assert np.array_equal(resize_nearest(mask, (out_h, out_w)), expected.numpy() > 0.5)

@@ -23,8 +23,16 @@ _EXPORTS = {
         "read_image_file",
         "read_mask_file",
     ),
-    "geometry": ("Geometry", "TiledGeometry", "geometry_for", "map_to_original", "preprocess_array"),
-    "tensors": ("mask_to_input", "mask_to_map", "preprocess"),
+    "geometry": (
+        "Geometry",
+        "TiledGeometry",
+        "geometry_for",
+        "map_to_original",
+        "mask_to_input",
+        "mask_to_map",
+        "preprocess_array",
+    ),
+    "tensors": ("preprocess",),
     "tiling": ("stitch_maps", "tile_coverage", "tile_geometry", "tile_inputs", "tile_positions"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -70,6 +78,14 @@ if TYPE_CHECKING:
         read_image_file,
         read_mask_file,
     )
-    from .geometry import Geometry, TiledGeometry, geometry_for, map_to_original, preprocess_array
-    from .tensors import mask_to_input, mask_to_map, preprocess
+    from .geometry import (
+        Geometry,
+        TiledGeometry,
+        geometry_for,
+        map_to_original,
+        mask_to_input,
+        mask_to_map,
+        preprocess_array,
+    )
+    from .tensors import preprocess
     from .tiling import stitch_maps, tile_coverage, tile_geometry, tile_inputs, tile_positions

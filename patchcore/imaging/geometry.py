@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PatchCoreError
-from .resample import resize_antialiased, resize_bilinear
+from .resample import resize_antialiased, resize_bilinear, resize_nearest
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,28 @@ def map_to_original(anomaly_map: np.ndarray, geometry: Geometry | TiledGeometry)
             )
         return resize_bilinear(amap, geometry.original)
     return place_map(anomaly_map, geometry, None)
+
+
+def mask_to_input(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """(H, W) ground-truth mask -> (crop, crop) bool, resized (nearest) and cropped like its image."""
+    m = resize_nearest(np.asarray(mask) > 0, (resize, resize))
+    o = int(round((resize - crop) / 2.0))
+    return m[o : o + crop, o : o + crop]
+
+
+def mask_to_map(mask: np.ndarray, geometry: Geometry | TiledGeometry) -> np.ndarray:
+    """(H, W) ground-truth mask -> bool mask on the pixels of its image's map as the model yields it
+    (``geometry.input_shape``): resized (nearest) and cropped like the image; for a tiled image, resized
+    to the scaled image (the original pixels when tile_scale is 1)."""
+    mask = np.asarray(mask)
+    if isinstance(geometry, TiledGeometry):
+        target = geometry.scaled
+    elif geometry.resized is None and geometry.crop is not None:
+        return mask_to_input(mask, geometry.resize, geometry.crop)  # the square path, exactly as before
+    else:
+        target = geometry.size
+    m = resize_nearest(mask > 0, target)
+    if isinstance(geometry, Geometry):
+        (oy, ox), (ih, iw) = geometry.offsets, geometry.input_shape
+        m = m[oy : oy + ih, ox : ox + iw]
+    return m

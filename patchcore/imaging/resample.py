@@ -9,6 +9,7 @@ must give what ``torch.nn.functional.interpolate`` gives (tested side by side in
   kernel was written after it. They agree to float32 rounding (about 1e-5 on [0, 1] pixels).
 - :func:`resize_bilinear` = ``interpolate(mode="bilinear", align_corners=False)`` without antialiasing,
   which puts anomaly maps back onto the original image.
+- :func:`resize_nearest` = ``interpolate(mode="nearest")``, which puts ground-truth masks onto the maps.
 """
 
 from __future__ import annotations
@@ -59,3 +60,21 @@ def resize_bilinear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     cols = array[:, low] * w_low + array[:, high] * w_high
     low, high, w_low, w_high = _source_weights(array.shape[0], h)
     return cols[low] * w_low[:, None] + cols[high] * w_high[:, None]
+
+
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) -> (h, w) by torch's "nearest" (source index floor(i * H / h) in float32), any dtype.
+
+    >>> resize_nearest(np.array([[1, 2, 3]]), (1, 6)).tolist()
+    [[1, 1, 2, 2, 3, 3]]
+    """
+    array = np.asarray(array)
+    h, w = int(size[0]), int(size[1])
+    rows = _nearest(array.shape[0], h)
+    cols = _nearest(array.shape[1], w)
+    return array[rows[:, None], cols[None, :]]
+
+
+def _nearest(n_in: int, n_out: int) -> np.ndarray:
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
