@@ -268,3 +268,18 @@ def test_openvino_export(fitted, tmp_path):
     for want, have in zip(fitted.score_samples(test), scores):
         assert have == pytest.approx(want, rel=1e-4)
     assert "patchcore-onnx" in (tmp_path / "model.xml").read_text()
+
+
+def test_the_export_keeps_the_textile_aurocs_to_four_decimals(tmp_path):
+    """The textile protocol (the README's main job) with every default, scored by the model and its export."""
+    from patchcore.datasets import textile
+    from patchcore.evaluation.evaluate import evaluate
+
+    data = textile()
+    model = PatchCore().fit(data.train)
+    export(model, tmp_path / "model.onnx")
+    want, _ = evaluate(model, data)
+    have, _ = evaluate(OnnxDetector.load(tmp_path / "model.onnx"), data)
+    assert round(have["image_auroc"], 4) == round(want["image_auroc"], 4)  # good vs all (textile has no masks)
+    for kind, value in want["image_auroc_by_type"].items():  # good vs local, good vs global
+        assert round(have["image_auroc_by_type"][kind], 4) == round(value, 4), kind
