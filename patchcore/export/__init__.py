@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from .._version import __version__
 from ..detectors.base import Detector
 from ..errors import PatchCoreError
 from ..runtime import EXPORT_FORMAT, EXPORT_VERSION, METADATA_KEY
+
+if TYPE_CHECKING:
+    from ..detectors.patchcore import PatchCore
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def bank_sha256(bank: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(bank, dtype="<f4").tobytes()).hexdigest()
 
 
-def exportable(detector: Detector) -> Any:
+def exportable(detector: Detector) -> PatchCore:
     """The PatchCore model inside ``detector``, or a one-line error saying what cannot be exported and why."""
     from ..detectors import PatchCore
 
@@ -57,7 +60,7 @@ def exportable(detector: Detector) -> Any:
     return detector
 
 
-def export_metadata(model: Any, bank_name: str) -> dict[str, Any]:
+def export_metadata(model: PatchCore, bank_name: str) -> dict[str, Any]:
     """The document stored under the ONNX metadata key ``patchcore``: everything the runtime needs."""
     cfg = model.config
     mean, std = model.normalization_
@@ -99,7 +102,7 @@ def export_metadata(model: Any, bank_name: str) -> dict[str, Any]:
     }
 
 
-def to_onnx(model: Any) -> Any:
+def to_onnx(model: PatchCore) -> Any:
     """The ``onnx.ModelProto`` of a fitted PatchCore, its metadata set."""
     try:
         import onnx
