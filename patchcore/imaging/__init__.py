@@ -10,6 +10,7 @@ from .decode import (
     describe,
     list_images,
     load_image,
+    read_image_bytes,
     read_image_file,
     read_mask_file,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "describe",
     "list_images",
     "load_image",
+    "read_image_bytes",
     "read_image_file",
     "read_mask_file",
     "Geometry",
