@@ -112,6 +112,10 @@ class _Job:
     future: concurrent.futures.Future
 
 
+def _as_list(function: Callable[[Served], Any]) -> Callable[[Served], list]:
+    return lambda served: [function(served)]
+
+
 class Scorer:
     """The one thread that uses the served detector: scores queued images in micro-batches (everything
     queued while the previous batch ran, up to ``max_batch`` images) and runs other calls in turn."""
@@ -151,8 +155,7 @@ class Scorer:
             if job is None:
                 return
             if job.call is not None:
-                call = job.call
-                self._settle([job], lambda served: [call(served)])
+                self._settle([job], _as_list(job.call))
                 continue
             batch, count = [job], len(job.images or [])
             while count < self.max_batch:  # gather what arrived meanwhile: one backbone pass for all
