@@ -147,6 +147,14 @@ def test_mutations_need_the_token_and_requests_never_name_paths(client, fitted_d
     assert client.post("/v1/feedback", json={"image_id": "/etc/passwd"}, headers=auth()).status_code == 404
     assert client.get("/v1/explain", params={"image_id": "../model.safetensors"}).status_code == 404
     assert client.get("/static/..%2F..%2Fapp.py").status_code == 404
+    image = (fitted_dir / "test" / "good.png").read_bytes()
+    as_file = client.post("/v1/feedback", files=[("file", ("g.png", image, "image/png"))], headers=auth())
+    assert as_file.status_code == 202 and as_file.json()["stored"].startswith("model.safetensors.feedback/")
+
+
+def test_readyz_is_503_without_a_working_model(client):
+    client.service.scorer.stop()
+    assert client.get("/readyz").status_code == 503
 
 
 def auth() -> dict[str, str]:

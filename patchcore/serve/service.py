@@ -226,6 +226,7 @@ class Service:
         self.uploads = UploadCache()
         detector, model_id = load_model(self.model_path, self.runtime)
         self._served = Served(detector, model_id, 0)
+        self._meta_cache: tuple[str, dict[str, Any]] | None = None
         self._swap_lock = threading.Lock()  # one model change at a time: feedback update or reload
         self.data_roots = [Path(root) for root in data_roots] + [self.model_path.parent]
         self.scorer = Scorer(lambda: self._served, detector.resolved_batch_size())
@@ -255,7 +256,10 @@ class Service:
         """What ``GET /v1/model`` returns."""
         served = self._served
         detector = served.detector
-        state_meta = detector.get_state().meta
+        cached = self._meta_cache
+        if cached is None or cached[0] != served.model_id:  # get_state copies the bank: once per model
+            cached = self._meta_cache = (served.model_id, detector.get_state().meta)
+        state_meta = cached[1]
         members = getattr(detector, "models_", [detector])
         paths = [p for m in members for p in (getattr(m, "train_paths_", None) or [])]
         feedback_folder = self.feedback_folder.name + "/"
