@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -315,3 +316,30 @@ def test_a_public_address_without_a_token_is_warned_about(model_copy):
     # 192.0.2.1 (TEST-NET-1) is nobody's address: the warning comes before the bind, which then fails
     result = run_cli("serve", model_copy, "--host", "192.0.2.1", "--port", str(free_port()), timeout=120)
     assert "without a token" in result.stderr
+
+
+def test_the_scorer_batches_waiting_requests_and_one_bad_request_fails_alone():
+    from patchcore.serve.service import Scorer, Served
+
+    calls: list[int] = []
+
+    class Fake:
+        def infer(self, images, maps=True):
+            calls.append(len(images))
+            if any(image.shape[0] == 1 for image in images):
+                raise patchcore.PatchCoreError("too small")
+            return [image.shape[0] for image in images]
+
+    gate = threading.Event()
+    scorer = Scorer(lambda: Served(Fake(), "id", 0), max_batch=8)  # type: ignore[arg-type]
+    try:
+        blocker = scorer.call(lambda served: gate.wait(10))  # holds the thread while requests queue up
+        futures = [scorer.score([np.zeros((n, 2))], maps=False) for n in (3, 1, 4)]
+        gate.set()
+        blocker.result(10)
+        assert futures[0].result(10)[1] == [3] and futures[2].result(10)[1] == [4]
+        with pytest.raises(patchcore.PatchCoreError, match="too small"):
+            futures[1].result(10)
+        assert calls[0] == 3  # the three waiting requests went into one batch first
+    finally:
+        scorer.stop()

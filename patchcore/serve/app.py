@@ -165,7 +165,11 @@ def create_app(service: Service, *, token: str | None = None, max_upload_mb: flo
     async def predict(request: Request, overlay: bool = False) -> dict[str, Any]:
         uploads = await read_uploads(request, "files")
         future = service.scorer.score([u.pixels for u in uploads], maps=overlay)
-        served, results = await asyncio.wrap_future(future)
+        try:
+            served, results = await asyncio.wrap_future(future)
+        except PatchCoreError as exc:  # e.g. an image smaller than the model's crop
+            names = ", ".join(u.filename for u in uploads)
+            raise HTTPError(422, f"{names}: cannot be scored by this model ({exc})") from None
         out = []
         for upload, result in zip(uploads, results):
             decision = served.detector.decide(result.score)

@@ -112,10 +112,6 @@ class _Job:
     future: concurrent.futures.Future
 
 
-def _as_list(function: Callable[[Served], Any]) -> Callable[[Served], list]:
-    return lambda served: [function(served)]
-
-
 class Scorer:
     """The one thread that uses the served detector: scores queued images in micro-batches (everything
     queued while the previous batch ran, up to ``max_batch`` images) and runs other calls in turn."""
@@ -155,7 +151,7 @@ class Scorer:
             if job is None:
                 return
             if job.call is not None:
-                self._settle([job], _as_list(job.call))
+                self._call(job)
                 continue
             batch, count = [job], len(job.images or [])
             while count < self.max_batch:  # gather what arrived meanwhile: one backbone pass for all
@@ -173,34 +169,41 @@ class Scorer:
                 count += len(more.images or [])
             self._score(batch)
 
-    def _settle(self, jobs: list[_Job], run: Callable[[Served], list]) -> None:
-        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
-        if not jobs:
+    def _call(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel() or job.call is None:
+            return
+        try:
+            job.future.set_result(job.call(self.current()))
+        except BaseException as exc:  # the caller gets the error, the thread lives on
+            job.future.set_exception(exc)
+
+    def _score(self, batch: list[_Job]) -> None:
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
             return
         served = self.current()
+
+        def infer(jobs: list[_Job]) -> list[Inference]:
+            images = [image for job in jobs for image in job.images or []]
+            return list(served.detector.infer(images, maps=any(job.maps for job in jobs)))
+
         try:
-            results = run(served)
-        except BaseException as exc:  # every waiting request gets the error, the thread lives on
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
-        if jobs[0].call is not None:
-            jobs[0].future.set_result(results[0])
+            results = infer(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            for job in batch:  # one request's images must not fail the others: each on its own
+                try:
+                    job.future.set_result((served, infer([job])))
+                except Exception as own:
+                    job.future.set_exception(own)
             return
         start = 0
-        for job in jobs:
+        for job in batch:
             n = len(job.images or [])
             job.future.set_result((served, results[start : start + n]))
             start += n
-
-    def _score(self, batch: list[_Job]) -> None:
-        images = [image for job in batch for image in job.images or []]
-        maps = any(job.maps for job in batch)
-
-        def run(served: Served) -> list[Inference]:
-            return list(served.detector.infer(images, maps=maps))
-
-        self._settle(batch, run)
 
 
 class Service:
