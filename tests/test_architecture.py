@@ -21,6 +21,7 @@ LAYERS = [
     {"detectors", "datasets"},
     {"evaluation", "runtime"},
     {"reporting", "export"},
+    {"serve"},  # below cli: the serve command imports it (lazily, so the CLI never needs fastapi)
     {"cli"},
 ]
 RANK = {component: rank for rank, layer in enumerate(LAYERS) for component in layer}
@@ -116,6 +117,12 @@ def test_the_import_graph_sees_function_level_imports():
 def test_light_modules_do_not_import_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0, f"importing {module} loads torch"
+
+
+@pytest.mark.parametrize("module", ["patchcore", "patchcore.cli", "patchcore.serve"])
+def test_optional_extras_are_imported_lazily(module):
+    code = f"import sys, {module}; sys.exit(any(m in sys.modules for m in ('fastapi', 'uvicorn', 'starlette')))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0, f"{module} imports fastapi"
 
 
 def test_the_package_root_exports_lazily():

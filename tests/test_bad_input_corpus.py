@@ -114,10 +114,15 @@ def bad_models(world: Path) -> dict[str, Path]:
     forged(_name="feature_shape_zero", train={**header["train"], "feature_shape": [-1, 0]})
     forged(_name="created_dict", created={"when": "now"})
     forged(_name="unknown_key", colour="red")
-    nan_bank = {"memory_bank": tensors["memory_bank"].copy()}
-    nan_bank["memory_bank"][0, 0] = np.nan
-    edited = {**header, "checksum": checksum(header, nan_bank)}
-    save_file(nan_bank, str(folder / "nan_bank.safetensors"), metadata={METADATA_KEY: json.dumps(edited)})
+    forged(_name="train_paths_escape", train_paths=["../../etc/passwd"] * len(header["train_paths"]))
+    for name, tensor, edit in (
+        ("nan_bank", "memory_bank", lambda a: a.__setitem__((0, 0), np.nan)),
+        ("bank_source_beyond_the_paths", "bank_source", lambda a: a.__setitem__((0, 0), 999)),
+    ):
+        changed = {**tensors, tensor: tensors[tensor].copy()}
+        edit(changed[tensor])
+        edited = {**header, "checksum": checksum(header, changed)}
+        save_file(changed, str(folder / f"{name}.safetensors"), metadata={METADATA_KEY: json.dumps(edited)})
     return {p.stem: p for p in folder.iterdir()}
 
 
@@ -148,6 +153,8 @@ BAD_MODEL_NAMES = [
     "created_dict",
     "unknown_key",
     "nan_bank",
+    "train_paths_escape",
+    "bank_source_beyond_the_paths",
 ]
 
 

@@ -118,7 +118,8 @@ def test_ensemble_honours_its_batch_size(ensemble, images, monkeypatch):
 
 def test_state_round_trip_without_a_file(ensemble, images):
     state = ensemble.get_state()
-    assert state.kind == "patchcore-ensemble" and set(state.tensors) == {"member0.memory_bank", "member1.memory_bank"}
+    assert state.kind == "patchcore-ensemble"
+    assert set(state.tensors) == {f"member{i}.{name}" for i in (0, 1) for name in ("memory_bank", "bank_source")}
     copy = PatchCoreEnsemble.from_state(state)
     np.testing.assert_array_equal(copy.score_samples(images[:2]), ensemble.score_samples(images[:2]))
     json.dumps(state.meta)  # the meta is plain JSON

@@ -119,9 +119,10 @@ def test_tampered_model_files_are_refused(fitted, tmp_path):
     fitted.save(path)
     original = path.read_bytes()
 
-    bank = load_file(str(path))["memory_bank"].clone()
+    tensors = load_file(str(path))
+    bank = tensors["memory_bank"].clone()
     bank[0, 0] += 1.0
-    _rewrite(path, {"memory_bank": bank})
+    _rewrite(path, {**tensors, "memory_bank": bank})  # every other tensor as it was
     with pytest.raises(PatchCoreError, match="checksum"):
         PatchCore.load(path)
 
@@ -141,7 +142,7 @@ def test_tampered_model_files_are_refused(fitted, tmp_path):
         PatchCore.load(path)
 
     path.write_bytes(original)
-    _rewrite(path, {"memory_bank": bank[:, :5].contiguous()})
+    _rewrite(path, {**tensors, "memory_bank": bank[:, :5].contiguous()})
     with pytest.raises(PatchCoreError, match="shape"):
         PatchCore.load(path)
 

@@ -191,12 +191,21 @@ class Detector(Scorer):
 
     # ------------------------------------------------------------------ what a detector implements
     @abstractmethod
-    def fit(self: D, images: Sequence[ImageLike]) -> D:
-        """Learn from good images only. Returns self."""
+    def fit(self: D, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> D:
+        """Learn from good images only. Returns self. ``root``: the data folder image paths are recorded
+        relative to (for :meth:`explain`)."""
 
     @abstractmethod
-    def partial_fit(self: D, images: Sequence[ImageLike]) -> D:
+    def partial_fit(self: D, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> D:
         """Add good images to a fitted detector without revisiting the old ones. Returns self."""
+
+    def explain(self, image: ImageLike, *, data_root: Any = None) -> Any:
+        """The most anomalous patch of ``image`` and the nearest normal patch (an
+        :class:`~patchcore.detectors.explain.Explanation`); detectors that cannot say raise PatchCoreError."""
+        raise PatchCoreError(
+            f"explain() is not available for a {type(self).__name__} yet: explain one of its members "
+            "(e.g. ensemble.models_[0].explain(image))"
+        )
 
     @abstractmethod
     def get_state(self) -> DetectorState:

@@ -10,6 +10,7 @@ Scores are therefore in standard deviations of good images (0 = an average good 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -94,7 +95,7 @@ class PatchCoreEnsemble(Detector):
         return {name: getattr(self, name) for name in RUNTIME}
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, images: Sequence[ImageLike]) -> PatchCoreEnsemble:
+    def fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCoreEnsemble:
         """Fit every member on the same good images, minus the held-out calibration share. Returns self."""
         if len(self.members) < 2:
             raise PatchCoreError("an ensemble needs at least two members (backbones)")
@@ -111,7 +112,7 @@ class PatchCoreEnsemble(Detector):
         images = list(images)
         keep, held_out = split_calibration(len(images), self.calibration_share, self.seed)
         train, calibration = [images[i] for i in keep], [images[i] for i in held_out]
-        self.models_ = [PatchCore(config, **self._runtime()).fit(train) for config in self._member_configs()]
+        self.models_ = [PatchCore(config, **self._runtime()).fit(train, root=root) for config in self._member_configs()]
         scores, maps = self._member_outputs(calibration)
         # (member, 2) statistics: a zero spread (a single calibration image) falls back to 1
         self.score_stats_ = np.array([[s.mean(), s.std() or 1.0] for s in scores])
@@ -126,7 +127,7 @@ class PatchCoreEnsemble(Detector):
         self.fit_stats_ = self._summed_stats()
         return self
 
-    def partial_fit(self, images: Sequence[ImageLike]) -> PatchCoreEnsemble:
+    def partial_fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCoreEnsemble:
         """Add good images to every member (:meth:`PatchCore.partial_fit`). Returns self.
 
         The standardisation statistics and thresholds are kept; recalibrate when the new images differ.
@@ -134,7 +135,7 @@ class PatchCoreEnsemble(Detector):
         self._check_fitted()
         images = list(images)
         for model in self.models_:
-            model.partial_fit(images)
+            model.partial_fit(images, root=root)
         self.n_train_ += len(images)
         self.fit_stats_ = self._summed_stats()
         if self.threshold_ is not None:
@@ -228,7 +229,15 @@ class PatchCoreEnsemble(Detector):
             if not isinstance(records, list) or len(records) < 2:
                 raise PatchCoreError("an ensemble needs a list of at least two members")
             member_states = [
-                DetectorState(SINGLE_KIND, record, {"memory_bank": state.tensors[f"member{i}.memory_bank"]})
+                DetectorState(
+                    SINGLE_KIND,
+                    record,
+                    {
+                        name: state.tensors[f"member{i}.{name}"]
+                        for name in ("memory_bank", "bank_source")
+                        if name == "memory_bank" or f"member{i}.{name}" in state.tensors
+                    },
+                )
                 for i, record in enumerate(records)
             ]
             settings = {name: info[name] for name in SETTINGS if info.get(name) is not None}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -46,6 +47,18 @@ from ..persistence import DetectorState
 from ..persistence.model_file import SINGLE_KIND
 from ..search import SEARCH_BACKENDS, build_index
 from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, not_fitted
+from .explain import (
+    NOT_RECORDED,
+    SOURCE_COLUMNS,
+    Explanation,
+    SourceLog,
+    cell_box,
+    check_sources,
+    context_box,
+    crop,
+    nearest_patch,
+    train_paths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +75,9 @@ class PatchCore(Detector):
     scored together; on a CPU the backbone runs them in slices of ~200k pixels (see ``Backbone.forward``).
 
     Learned state: ``backbone_``, ``memory_bank_`` (M, D), ``feature_shape_`` (h, w of the feature grid),
-    ``n_train_``, ``fit_stats_``, ``thresholds_``.
+    ``n_train_``, ``fit_stats_``, ``thresholds_``; ``bank_source_`` ((M, 8) int32, where each bank row came
+    from, see :data:`~patchcore.detectors.explain.SOURCE_COLUMNS`; None for model files that predate it) and
+    ``train_paths_`` (the training images' paths relative to the data folder, None for arrays).
     """
 
     kind = SINGLE_KIND
@@ -108,11 +123,12 @@ class PatchCore(Detector):
         return self
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, images: Sequence[ImageLike]) -> PatchCore:
+    def fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCore:
         """Build the memory bank from good images and subsample it to the coreset. Returns self.
 
         With ``threshold_fpr`` (and no manual ``threshold``), a seeded ``calibration_share`` of the images
-        is held out of the bank and sets the thresholds (:meth:`calibrate`).
+        is held out of the bank and sets the thresholds (:meth:`calibrate`). ``root``: the data folder; the
+        model records the image files' paths relative to it (else to their common folder) for :meth:`explain`.
         """
         images = list(images)
         if not images:
@@ -124,12 +140,15 @@ class PatchCore(Detector):
             images, calibration = [images[i] for i in keep], [images[i] for i in held_out]
         started = time.perf_counter()
         backbone = self._make_backbone()
-        batches = self._features(images, backbone, "extracting features")
+        log = SourceLog()
+        batches = log.watch(self._features(images, backbone, "extracting features"))
         if cfg.max_bank_memory is None:
-            coreset, feature_shape, stats = self._coreset_in_memory(batches, len(images))
+            coreset, feature_shape, stats, chosen = self._coreset_in_memory(batches, len(images))
         else:
-            coreset, feature_shape, stats = self._coreset_streaming(batches)
+            coreset, feature_shape, stats, chosen = self._coreset_streaming(batches)
         self._use_bank(coreset)
+        self.bank_source_: np.ndarray | None = log.sources(chosen)
+        self.train_paths_: list[str | None] = train_paths(images, root)
         self.backbone_ = backbone
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
@@ -140,13 +159,14 @@ class PatchCore(Detector):
         logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
         return self
 
-    def partial_fit(self, images: Sequence[ImageLike]) -> PatchCore:
+    def partial_fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCore:
         """Add good images to a fitted model without re-extracting the old ones. Returns self.
 
         The new patch features are candidates for the existing coreset: the greedy selection continues
         from the kept rows (:func:`patchcore.core.coreset.greedy_extend`) until the bank holds
         ``coreset_ratio`` of all patch features seen (or ``coreset_size``). Thresholds are kept as they
-        are; recalibrate with :meth:`calibrate` when the new images change what "good" looks like.
+        are; recalibrate with :meth:`calibrate` when the new images change what "good" looks like. ``root``
+        as for :meth:`fit`: the new images' paths are recorded relative to it.
         """
         self._check_fitted()
         images = list(images)
@@ -154,7 +174,8 @@ class PatchCore(Detector):
             raise PatchCoreError("no images to add: partial_fit needs at least one good image")
         cfg = self.config
         started = time.perf_counter()
-        batches = self._features(images, self.backbone_, "extracting features")
+        log = SourceLog(first_image=len(self.train_paths_))
+        batches = log.watch(self._features(images, self.backbone_, "extracting features"))
         new = torch.cat([f.reshape(-1, f.shape[-1]).cpu() for f, _ in batches])
         feature_seconds = time.perf_counter() - started
         seen = int(self.fit_stats_.get("full_bank_size") or self.memory_bank_.shape[0]) + new.shape[0]
@@ -166,7 +187,12 @@ class PatchCore(Detector):
             chosen = greedy_extend(
                 self.memory_bank_.cpu(), new, n_add, projection_dim=cfg.projection_dim, seed=cfg.seed
             )
+        old_source = self.bank_source_
+        if old_source is None:  # a model file from before sources were recorded: its rows stay unknown
+            old_source = np.full((self.memory_bank_.shape[0], len(SOURCE_COLUMNS)), NOT_RECORDED, np.int32)
         self._use_bank(torch.cat([self.memory_bank_.cpu(), new[torch.from_numpy(chosen)]]))
+        self.bank_source_ = np.concatenate([old_source, log.sources(chosen)])
+        self.train_paths_ = self.train_paths_ + train_paths(images, root)
         self.n_train_ += len(images)
         self.fit_stats_ = {
             "feature_seconds": feature_seconds,
@@ -190,7 +216,7 @@ class PatchCore(Detector):
     def _manual_thresholds(self) -> tuple[float | None, float | None]:
         return self.config.threshold, self.config.pixel_threshold
 
-    def _coreset_in_memory(self, batches, n_images: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
+    def _coreset_in_memory(self, batches, n_images: int) -> tuple[torch.Tensor, tuple[int, int], dict, np.ndarray]:
         """All patch features in one preallocated bank, then one coreset over it."""
         cfg = self.config
         started = time.perf_counter()
@@ -228,9 +254,9 @@ class PatchCore(Detector):
             "coreset_seconds": time.perf_counter() - started,
             "full_bank_size": int(bank.shape[0]),
         }
-        return coreset, feature_shape, stats
+        return coreset, feature_shape, stats, np.asarray(chosen)
 
-    def _coreset_streaming(self, batches) -> tuple[torch.Tensor, tuple[int, int], dict]:
+    def _coreset_streaming(self, batches) -> tuple[torch.Tensor, tuple[int, int], dict, np.ndarray]:
         """Bounded memory: a fixed buffer reduced by greedy coresets whenever it fills (shards), then a
         greedy coreset over what the shards kept. The budget covers the buffer and the reductions'
         temporaries (measured at up to ~8x the buffer), so the buffer gets an eighth of it."""
@@ -262,7 +288,7 @@ class PatchCore(Detector):
             "full_bank_size": int(stream.n_seen),
             "shard_reductions": int(info["n_reductions"]),
         }
-        return torch.from_numpy(rows), feature_shape, stats
+        return torch.from_numpy(rows), feature_shape, stats, np.asarray(info["indices"])
 
     def _bar(self, total: int, what: str):
         from tqdm.auto import tqdm
@@ -438,7 +464,7 @@ class PatchCore(Detector):
     def get_state(self) -> DetectorState:
         self._check_fitted()
         backbone = self.backbone_
-        meta = {
+        meta: dict[str, Any] = {
             "config": self.config.to_dict(),
             "backbone": {
                 "name": backbone.name,
@@ -453,7 +479,11 @@ class PatchCore(Detector):
             },
             "thresholds": self.thresholds_.to_dict(),
         }
-        return DetectorState(self.kind, meta, {"memory_bank": self.memory_bank_.detach().cpu().numpy().copy()})
+        tensors = {"memory_bank": self.memory_bank_.detach().cpu().numpy().copy()}
+        if self.bank_source_ is not None:  # optional: files without it load, and explain() says "not recorded"
+            tensors["bank_source"] = self.bank_source_.copy()
+            meta["train_paths"] = list(self.train_paths_)
+        return DetectorState(self.kind, meta, tensors)
 
     @classmethod
     def from_state(
@@ -469,7 +499,7 @@ class PatchCore(Detector):
         if unknown:
             raise PatchCoreError(f"unknown runtime setting(s) {', '.join(unknown)}: use {', '.join(RUNTIME)}")
         try:
-            check_keys(meta, {"config", "backbone", "train", "thresholds"}, "model")
+            check_keys(meta, {"config", "backbone", "train", "thresholds", "train_paths"}, "model")
             config = PatchCoreConfig.from_dict(header_dict(meta, "config"))
             recorded, train = header_dict(meta, "backbone"), header_dict(meta, "train")
             check_keys(recorded, {"name", "layers", "weights_sha256"}, "backbone")
@@ -492,6 +522,10 @@ class PatchCore(Detector):
                 raise PatchCoreError(f"full_bank_size={full_bank_size!r} must be a whole number or null")
             thresholds = Thresholds.from_dict(meta.get("thresholds"))
             bank = np.asarray(state.tensors["memory_bank"])
+            source = state.tensors.get("bank_source")
+            if (source is None) != ("train_paths" not in meta):
+                raise PatchCoreError("bank_source and train_paths come together")
+            paths = check_sources(np.asarray(source), meta["train_paths"], bank.shape[0]) if source is not None else []
         except PatchCoreError as exc:
             raise PatchCoreError(f"{source}: invalid settings in the model ({exc})") from exc
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -524,8 +558,57 @@ class PatchCore(Detector):
         model.feature_shape_ = (feature_shape[0], feature_shape[1])
         model.fit_stats_ = {"full_bank_size": full_bank_size}
         model.thresholds_ = thresholds
+        model.bank_source_ = None if source is None else np.asarray(source).copy()
+        model.train_paths_ = paths
         model.provenance_ = dict(state.provenance)
         return model
+
+    # ------------------------------------------------------------------ explanation
+    def explain(
+        self, image: ImageLike, *, data_root: str | os.PathLike | Sequence[str | os.PathLike] | None = None
+    ) -> Explanation:
+        """The most anomalous patch of ``image`` and the normal patch nearest to it (see
+        :class:`~patchcore.detectors.explain.Explanation`). ``data_root``: the folder (or folders) the
+        training images' recorded paths are relative to; the nearest patch's crop is read only from there.
+        """
+        self._check_fitted()
+        cfg = self.config
+        pixels = load_image(image, self.max_pixels)
+        best: tuple[float, int, int, int, int, int, Any, int] | None = None
+        tile = 0
+        for feats, owners in self._features([pixels], self.backbone_, "explaining"):
+            batch, h, w, dim = feats.shape
+            with torch.inference_mode():
+                scores, nearest = patch_scores(feats.reshape(-1, dim), self._index, cfg.scoring, cfg.k)
+            scores, nearest = scores.view(batch, h * w).cpu(), nearest.view(batch, h * w).cpu()
+            for i, (geometry, _) in enumerate(owners):
+                j = int(torch.argmax(scores[i]))
+                if best is None or float(scores[i, j]) > best[0]:
+                    best = (float(scores[i, j]), tile, j // w, j % w, h, w, geometry, int(nearest[i, j]))
+                tile += 1
+        assert best is not None
+        patch_score, tile, row, col, h, w, geometry, bank_row = best
+        box = cell_box(geometry, tile, (h, w), (row, col))
+        roots = [] if data_root is None else [data_root] if isinstance(data_root, (str, os.PathLike)) else data_root
+        nearest_info, status, nearest_crop = nearest_patch(
+            self.bank_source_, self.train_paths_, bank_row, list(roots), self.max_pixels
+        )
+        crop_box = context_box(box, pixels.shape[:2])
+        return Explanation(
+            score=float(self.score_samples([pixels])[0]),
+            patch={
+                "tile": tile,
+                "row": row,
+                "col": col,
+                "box": list(box),
+                "crop_box": list(crop_box),
+                "score": patch_score,
+            },
+            nearest=nearest_info,
+            status=status,
+            patch_crop=crop(pixels, crop_box),
+            nearest_crop=nearest_crop,
+        )
 
     def __repr__(self) -> str:
         defaults = PatchCoreConfig(scoring=self.config.scoring)  # image_top_k's default depends on the mode

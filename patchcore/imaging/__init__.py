@@ -20,6 +20,7 @@ _EXPORTS = {
         "describe",
         "list_images",
         "load_image",
+        "read_image_bytes",
         "read_image_file",
         "read_mask_file",
     ),
@@ -43,6 +44,7 @@ __all__ = [
     "describe",
     "list_images",
     "load_image",
+    "read_image_bytes",
     "read_image_file",
     "read_mask_file",
     "Geometry",
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
         describe,
         list_images,
         load_image,
+        read_image_bytes,
         read_image_file,
         read_mask_file,
     )

@@ -7,11 +7,12 @@ dropped: the part is what matters, not the background).
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,13 +51,25 @@ def read_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
     path = Path(path)
     if not path.is_file():
         raise PatchCoreError(f"{path}: no such image file")
+    return decode_image(path, str(path), max_pixels)
+
+
+def read_image_bytes(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file's bytes exactly as :func:`read_image_file` decodes the file; ``name`` (e.g. an
+    upload's file name) only labels error messages."""
+    return decode_image(io.BytesIO(data), name, max_pixels)
+
+
+def decode_image(source: Path | BinaryIO, label: str, max_pixels: int | None) -> np.ndarray:
+    """The one decoder of image files (a path or an open binary stream); ``label`` names it in errors."""
+    path = label
     pillow_limit = Image.MAX_IMAGE_PIXELS  # Pillow refuses images above twice this; restored below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says more
             if pillow_limit is not None and (max_pixels is None or max_pixels > 2 * pillow_limit):
                 Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise PatchCoreError(
@@ -73,11 +86,12 @@ def read_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
                 return pil_to_array(ImageOps.exif_transpose(image) or image)
     except PatchCoreError as exc:
         message = str(exc)
-        raise PatchCoreError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        raise PatchCoreError(message if message.startswith(path) else f"{path}: {message}") from None
     except Image.DecompressionBombError as exc:
         raise PatchCoreError(f"{path}: {exc}; raise --max-pixels if the image is genuine") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PatchCoreError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
+        detail = str(exc) if isinstance(source, Path) else str(exc).replace(f" {source!r}", "")
+        raise PatchCoreError(f"{path}: not a readable image ({detail}); replace or remove the file") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
 

@@ -3,8 +3,8 @@
 :data:`COMMANDS` is the one place to register a new command.
 """
 
-from . import calibrate, evaluate, export, fit, info, predict, sign
+from . import calibrate, evaluate, export, fit, info, predict, serve, sign
 
-COMMANDS = (fit, predict, evaluate, calibrate, export, info, sign)
+COMMANDS = (fit, predict, evaluate, calibrate, export, info, sign, serve)
 
 EXIT_ERROR = 1

@@ -39,15 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_flags(parser)
 
 
+def data_folder(args: argparse.Namespace) -> str | None:
+    """The folder the model records its training images' paths relative to (for explanations)."""
+    folder = args.good or args.data
+    return None if folder in (None, "textile") else folder
+
+
 def run(args: argparse.Namespace) -> int:
     check_model_target(args.output)
     if args.add:  # settings and model first: a bad one is refused before any image is read
         refuse_model_settings(args, "--add keeps the model's settings")
         detector = load_detector(args.add, args)
-        detector.partial_fit(dataset_from_args(args).train)
+        detector.partial_fit(dataset_from_args(args).train, root=data_folder(args))
     else:
         detector = make_detector(args)
-        detector.fit(dataset_from_args(args).train)
+        detector.fit(dataset_from_args(args).train, root=data_folder(args))
     detector.save(args.output)
     stats = detector.fit_stats_
     logger.info(
