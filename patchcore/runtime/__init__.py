@@ -50,53 +50,10 @@ class OnnxDetector(Scorer):
     def load(cls, path: str | os.PathLike, **runtime: Any) -> OnnxDetector:
         """Open an exported ``.onnx``; refuse files that are not patchcore exports or whose bank was altered."""
         path = Path(path)
-        if not path.is_file():
-            raise PatchCoreError(f"{path}: no such model file")
-        try:
-            metadata, buffer = read_metadata(path)
-        except (Malformed, UnicodeDecodeError) as exc:
-            raise PatchCoreError(
-                f"{path}: not an ONNX model ({exc}): pass a file written by `patchcore export`"
-            ) from None
-        try:
-            document = _document(metadata)
-            digest = tensor_sha256(buffer, document["bank"]["initializer"], path.parent)
-        except PatchCoreError as exc:
-            raise PatchCoreError(f"{path}: {exc}") from None
-        except (Malformed, KeyError, TypeError) as exc:
-            raise PatchCoreError(f"{path}: malformed export ({exc!r}): export the model again") from None
-        finally:
-            buffer.close()
-        if digest != document["bank"]["sha256"]:
-            raise PatchCoreError(
-                f"{path}: the memory bank's SHA-256 ({digest[:12]}) differs from the one recorded at export "
-                f"({str(document['bank']['sha256'])[:12]}): the file was altered or damaged; export the model again"
-            )
+        document = read_export(path, verify=True)
         model = cls(**runtime)
         model._open(path, document)
         return model
-
-    @staticmethod
-    def read_metadata(path: Path, keep_open: bool = False) -> Any:
-        """The export's metadata document (and with ``keep_open`` the file's memory map); a one-line
-        PatchCoreError when the file is not a patchcore ONNX export."""
-        if not path.is_file():
-            raise PatchCoreError(f"{path}: no such model file")
-        try:
-            metadata, buffer = read_metadata(path)
-        except (Malformed, UnicodeDecodeError) as exc:
-            raise PatchCoreError(
-                f"{path}: not an ONNX model ({exc}): pass a file written by `patchcore export`"
-            ) from None
-        try:
-            document = _document(metadata)
-        except PatchCoreError as exc:
-            buffer.close()
-            raise PatchCoreError(f"{path}: {exc}") from None
-        if keep_open:
-            return document, buffer
-        buffer.close()
-        return document
 
     def _open(self, path: Path, document: dict[str, Any]) -> None:
         try:
@@ -157,6 +114,32 @@ class OnnxDetector(Scorer):
                 yield Inference(float(score), amap if maps else None, geometry)
 
 
+def read_export(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The metadata document of an exported ``.onnx`` (with ``verify``, its memory bank checked against the
+    SHA-256 it records); a one-line PatchCoreError naming the file when it is not a sound patchcore export."""
+    if not path.is_file():
+        raise PatchCoreError(f"{path}: no such model file")
+    try:
+        metadata, buffer = read_metadata(path)
+    except (Malformed, UnicodeDecodeError) as exc:
+        raise PatchCoreError(f"{path}: not an ONNX model ({exc}): pass a file written by `patchcore export`") from None
+    try:
+        document = _document(metadata)
+        digest = tensor_sha256(buffer, document["bank"]["initializer"], path.parent) if verify else None
+    except PatchCoreError as exc:
+        raise PatchCoreError(f"{path}: {exc}") from None
+    except (Malformed, KeyError, TypeError) as exc:
+        raise PatchCoreError(f"{path}: malformed export ({exc!r}): export the model again") from None
+    finally:
+        buffer.close()
+    if verify and digest != document["bank"]["sha256"]:
+        raise PatchCoreError(
+            f"{path}: the memory bank's SHA-256 ({str(digest)[:12]}) differs from the one recorded at export "
+            f"({str(document['bank']['sha256'])[:12]}): the file was altered or damaged; export the model again"
+        )
+    return document
+
+
 def _document(metadata: dict[str, str]) -> dict[str, Any]:
     """The export's metadata document, checked: format, version and the fields the runtime reads."""
     if METADATA_KEY not in metadata:
@@ -179,4 +162,4 @@ def _document(metadata: dict[str, str]) -> dict[str, Any]:
     return document
 
 
-__all__ = ["OnnxDetector"]
+__all__ = ["OnnxDetector", "read_export"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ...errors import PatchCoreError
 from ...persistence import check_model_target
-from ...runtime import EXPORT_FORMAT
+from ...runtime import EXPORT_FORMAT, read_export
 
 NAME = "export"
 HELP = "export a fitted model to ONNX or OpenVINO (scores and maps in one graph)"
@@ -32,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def recognise_export(path: Path) -> None:
     """An earlier export may be replaced: an .onnx with patchcore metadata, or an OpenVINO .xml holding it."""
     if path.suffix.lower() == ".onnx":
-        from ...runtime import OnnxDetector
-
-        OnnxDetector.read_metadata(path)
+        read_export(path, verify=False)
     elif EXPORT_FORMAT.encode() not in path.read_bytes()[-(1 << 20) :]:
         raise PatchCoreError(f"{path}: not a patchcore export")
 
