@@ -26,7 +26,7 @@ import numpy as np
 from ..core.thresholds import f1_threshold, fpr_threshold, logistic_scores, normalized_scores
 from ..errors import NotFittedError, PatchCoreError
 from ..imaging import Geometry, ImageLike, TiledGeometry, map_to_original
-from ..persistence import DetectorState, read_state, write_state
+from ..persistence import DetectorState, read_state, state_to_bytes, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +298,12 @@ class Detector(ABC):
         """Write the fitted detector atomically as one model file (see :mod:`patchcore.persistence`)."""
         self._check_fitted()
         write_state(path, self.get_state())
+
+    def to_bytes(self) -> bytes:
+        """The fitted detector as the bytes of its model file (``patchcore.detectors.loads`` reads them back):
+        how it travels to other processes and machines, without pickle."""
+        self._check_fitted()
+        return state_to_bytes(self.get_state())
 
     @classmethod
     def load(cls: type[D], path: str | os.PathLike, **runtime: Any) -> D:
