@@ -6,6 +6,7 @@ A detector follows scikit-learn's estimator contract: ``__init__`` only stores s
 ends in ``_``, and using an unfitted detector raises :class:`~patchcore.errors.NotFittedError`.
 
 A subclass implements :meth:`~Detector.fit`, :meth:`~Detector.partial_fit`, :meth:`~Detector.infer`,
+the distributed fit (:meth:`~Detector.calibration_split`, :meth:`~Detector.fit_shard`, :meth:`~Detector.merge_shards`),
 :meth:`~Detector.get_state`, :meth:`~Detector.from_state`, :meth:`~Detector.describe`,
 :attr:`~Detector.memory_bank_size` and the two hooks ``_check_fitted`` and ``_manual_thresholds``;
 scoring, maps, predictions, thresholds and files are shared here.
@@ -159,6 +160,20 @@ class Detector(ABC):
     @abstractmethod
     def partial_fit(self: D, images: Sequence[ImageLike]) -> D:
         """Add good images to a fitted detector without revisiting the old ones. Returns self."""
+
+    @abstractmethod
+    def calibration_split(self, images: Sequence[ImageLike]) -> tuple[list[ImageLike], list[ImageLike]]:
+        """(the images ``fit`` puts into the memory bank(s), the images it holds out for calibration)."""
+
+    @abstractmethod
+    def fit_shard(self, images: Sequence[ImageLike], n_shards: int) -> list[bytes]:
+        """Distributed fit, on a worker: the bank(s) of one of ``n_shards`` shards of the bank images (see
+        :meth:`calibration_split`) as model-file bytes, one per bank; the detector itself stays unfitted."""
+
+    @abstractmethod
+    def merge_shards(self: D, parts: Sequence[Sequence[bytes]], calibration: Sequence[ImageLike]) -> D:
+        """Distributed fit, on the driver: fit from every shard's :meth:`fit_shard` output (a greedy coreset over
+        the union of theirs) and the held-out ``calibration`` images. Returns self."""
 
     @abstractmethod
     def infer(self, images: Sequence[ImageLike], *, maps: bool = True) -> Iterator[Inference]:
