@@ -42,4 +42,15 @@ def from_state(state: DetectorState, *, source: Any = "state", **runtime: Any) -
     return KINDS[state.kind].from_state(state, source=source, **runtime)
 
 
-__all__ = ["Detector", "Inference", "KINDS", "PatchCore", "PatchCoreEnsemble", "Prediction", "Thresholds", "from_state", "load", "loads"]
+__all__ = [
+    "Detector",
+    "Inference",
+    "KINDS",
+    "PatchCore",
+    "PatchCoreEnsemble",
+    "Prediction",
+    "Thresholds",
+    "from_state",
+    "load",
+    "loads",
+]
