@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -11,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import PatchCoreError
-from ...imaging import list_images, load_image, map_to_original
-from ...reporting.files import output_names, with_extension, write_csv, write_npy, write_text
+from ...imaging import list_images, load_image
+from ...reporting.files import output_names, with_extension, write_npy
 from ...reporting.overlays import OverlayWriter
+from ...reporting.results import error_row, map_path, original_map, scored_row, write_results
 from ..options import (
     OVERLAY_HELP,
     RESULT_KEYS,
@@ -79,11 +79,10 @@ def run(args: argparse.Namespace) -> int:
         for (i, image), result in zip(batch, results):
             path, name = inputs[i][0], names[i]
             if args.maps:
-                amap = map_to_original(result.map(), result.geometry).astype(np.float32)
-                write_npy(out / "maps" / with_extension(name, ".npy"), amap)
+                write_npy(map_path(out, name), original_map(result.map(), result.geometry))
             if overlays is not None:
                 overlays.add(image, name, result.map(), result.geometry, path=path)
-            rows[i] = {"path": str(path), "score": result.score, **detector.decide(result.score), "error": ""}
+            rows[i] = scored_row(path, result.score, detector)
         batch.clear()
 
     for i, (path, _) in enumerate(inputs):
@@ -92,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         except PatchCoreError as exc:
             failed += 1
             print(f"patchcore: error: {exc}", file=sys.stderr)
-            rows[i] = {"path": str(path), "score": None, "error": str(exc)}
+            rows[i] = error_row(path, str(exc))
         if len(batch) >= detector.resolved_batch_size() or sum(a.size for _, a in batch) >= PIXEL_BUDGET:
             flush()
     if batch:
@@ -100,14 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if overlays is not None:
         overlays.finish()
     written = [row for row in rows if row is not None]
-    write_csv(out / "scores.csv", [*RESULT_KEYS, "error"], written)
-    write_text(
-        out / "results.jsonl",
-        "".join(
-            json.dumps({**{key: row.get(key) for key in RESULT_KEYS}, "error": row.get("error") or None}) + "\n"
-            for row in written
-        ),
-    )
+    write_results(out, RESULT_KEYS, written)
     logger.info("scored %d of %d images; wrote %s", len(written) - failed, len(written), out / "scores.csv")
     if failed:
         where = out / "scores.csv"
