@@ -21,6 +21,7 @@ LAYERS = [
     {"detectors", "datasets"},
     {"evaluation"},
     {"reporting"},
+    {"engines"},
     {"cli"},
 ]
 RANK = {component: rank for rank, layer in enumerate(LAYERS) for component in layer}
@@ -114,3 +115,10 @@ def test_the_package_root_exports_lazily():
     assert patchcore.load.__module__ == "patchcore.detectors"
     with pytest.raises(AttributeError):
         patchcore.nothing_here  # noqa: B018
+
+
+def test_optional_engines_load_only_when_used():
+    """Ray is an extra: importing the package, the CLI and every command must not import it."""
+    code = "import sys, patchcore, patchcore.cli, patchcore.cli.commands.predict, patchcore.cli.commands.fit; "
+    code += "sys.exit('ray' in sys.modules or 'patchcore.engines.ray_engine' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0, "importing the CLI loads ray"

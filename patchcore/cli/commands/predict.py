@@ -14,6 +14,7 @@ from ...imaging import list_images, load_image
 from ...reporting.files import output_names, with_extension, write_npy
 from ...reporting.overlays import OverlayWriter
 from ...reporting.results import error_row, map_path, original_map, scored_row, write_results
+from ..engine import add_engine_flags, check_engine_flags, predict_on_ray
 from ..options import (
     OVERLAY_HELP,
     RESULT_KEYS,
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlays", action="store_true", help=f"write OUT/overlays/<relative path>.png: {OVERLAY_HELP}"
     )
     add_runtime_flags(parser)
+    add_engine_flags(parser)
 
 
 def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -59,6 +61,7 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_engine_flags(args)
     out = Path(args.output)
     inputs = collect_inputs(args.inputs)
     check_output_folder(out, [Path(args.model), *(Path(item) for item in args.inputs)])
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     planned += [out / "maps" / with_extension(name, ".npy") for name in names]
     check_planned_outputs(planned, [Path(args.model), *(path for path, _ in inputs)])
     detector = load_detector(args.model, args)
+    if args.engine == "ray":
+        return finish(out, *predict_on_ray(args, detector, [path for path, _ in inputs], names, out))
     rows: list[dict | None] = [None] * len(inputs)
     failed = 0
     batch: list[tuple[int, np.ndarray]] = []
@@ -98,13 +103,16 @@ def run(args: argparse.Namespace) -> int:
         flush()
     if overlays is not None:
         overlays.finish()
-    written = [row for row in rows if row is not None]
-    write_results(out, RESULT_KEYS, written)
-    logger.info("scored %d of %d images; wrote %s", len(written) - failed, len(written), out / "scores.csv")
+    return finish(out, write_results(out, RESULT_KEYS, [row for row in rows if row is not None]), failed)
+
+
+def finish(out: Path, written: int, failed: int) -> int:
+    """The run's summary and exit code, once its files are written."""
+    logger.info("scored %d of %d images; wrote %s", written - failed, written, out / "scores.csv")
     if failed:
         where = out / "scores.csv"
         print(
-            f"patchcore: error: {failed} of {len(written)} images could not be read (see the error column of {where})",
+            f"patchcore: error: {failed} of {written} images could not be read (see the error column of {where})",
             file=sys.stderr,
         )
         return EXIT_PARTIAL
