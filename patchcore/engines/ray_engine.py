@@ -96,7 +96,7 @@ class RayScorer:
 
     Output columns per image: ``index``, ``score`` (NaN for an unreadable image), ``error`` (UTF-8 bytes,
     empty when read), and as asked ``map`` (the float32 map at the original size), ``overlay``/``mask`` (PNG
-    bytes, when the colour range is fixed by the thresholds) or ``pending`` (the float16 input map and
+    bytes, when the colour range is fixed by the thresholds) or ``pending`` (the input map and
     geometry, when the range is the run's and the driver draws the pictures at the end, as the local
     engine does).
     """
@@ -133,7 +133,7 @@ class RayScorer:
                 drawn = render_pictures(image, result.map(), result.geometry, self.range, self.pixel_threshold)
                 overlay[j], mask[j] = drawn[0], drawn[1] or b""
             if pending is not None:
-                pending[j] = (result.map().astype(np.float16), result.geometry)
+                pending[j] = (result.map(), result.geometry)  # the driver keeps it as float16, as locally
         out = {"index": index, "score": scores, "error": errors}
         out |= {
             name: column for name, column in (("map", maps), ("overlay", overlay), ("mask", mask)) if column is not None
@@ -199,7 +199,8 @@ def predict(
         workers = num_workers or cluster_cpus(ray)
         model = ray.put(model_bytes)
         items = [{"index": i, "path": os.fsencode(path)} for i, path in enumerate(inputs)]
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+        blocks = min(len(items), max(workers, math.ceil(len(items) / batch_size)))  # every worker gets work
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, blocks))
         # each actor reads and decodes its batch, then scores it: decoded pixels never cross the object store,
         # and no read task waits for a CPU that the actors hold
         dataset = dataset.map_batches(
