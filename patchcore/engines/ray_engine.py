@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'patchcore[ray]'"
 MAX_RETRIES = 3  # restarts of a dead actor and retries of its batch (or of a shard task)
+WINDOW = 10_000  # images per Ray Data run of predict: Ray Data keeps state per block on the driver until a run ends
 
 
 def import_ray() -> Any:
@@ -178,6 +179,7 @@ def predict(
     num_workers: int | None = None,
     on_error: Callable[[str], None] = logger.error,
     scorer: type[RayScorer] = RayScorer,
+    window: int = WINDOW,
 ) -> tuple[int, int]:
     """Score ``inputs`` on Ray and write ``out`` as the local engine does. Returns (rows written, unreadable).
 
@@ -185,7 +187,9 @@ def predict(
     bytes (what the workers load); ``names`` the inputs' output names (:func:`~patchcore.reporting.files.
     output_names`); ``keys`` the result columns; ``runtime`` the detector's runtime settings on the workers;
     ``num_workers`` the actors (default: the cluster's CPUs); ``on_error`` gets one message per unreadable
-    image; ``scorer`` the actor class (a subclass, e.g. to inject faults in tests).
+    image; ``scorer`` the actor class (a subclass, e.g. to inject faults in tests); ``window`` the images per
+    Ray Data run (runs follow one another; each starts its own actors, which load the model again from the
+    object store), so that Ray Data's bookkeeping on the driver stays bounded.
     """
     from tqdm.auto import tqdm
 
@@ -198,21 +202,25 @@ def predict(
         context.enable_progress_bars = False  # one bar below, in images
         workers = num_workers or cluster_cpus(ray)
         model = ray.put(model_bytes)
-        items = [{"index": i, "path": os.fsencode(path)} for i, path in enumerate(inputs)]
-        blocks = min(len(items), max(workers, math.ceil(len(items) / batch_size)))  # every worker gets work
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, blocks))
-        # each actor reads and decodes its batch, then scores it: decoded pixels never cross the object store,
-        # and no read task waits for a CPU that the actors hold
-        dataset = dataset.map_batches(
-            scorer,
-            fn_constructor_kwargs={"model": model, "runtime": runtime, "maps": maps, "overlays": overlays},
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            batch_size=batch_size,
-            batch_format="numpy",
-            num_cpus=1,
-            max_restarts=MAX_RETRIES,
-            max_task_retries=MAX_RETRIES,
-        )
+
+        def pipeline(start: int, stop: int) -> Any:
+            """The Ray Data run over inputs[start:stop]."""
+            items = [{"index": i, "path": os.fsencode(inputs[i])} for i in range(start, stop)]
+            blocks = min(len(items), max(workers, math.ceil(len(items) / batch_size)))  # every worker gets work
+            dataset = ray.data.from_items(items, override_num_blocks=max(1, blocks))
+            # each actor reads and decodes its batch, then scores it: decoded pixels never cross the object store,
+            # and no read task waits for a CPU that the actors hold
+            return dataset.map_batches(
+                scorer,
+                fn_constructor_kwargs={"model": model, "runtime": runtime, "maps": maps, "overlays": overlays},
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_cpus=1,
+                max_restarts=MAX_RETRIES,
+                max_task_retries=MAX_RETRIES,
+            )
+
         pictures = OverlayWriter(out, detector.thresholds_, detector.score_scale) if overlays else None
         failed = 0
         bar = tqdm(total=len(inputs), desc="scoring on Ray", unit="img", disable=None, leave=False)
@@ -220,7 +228,14 @@ def predict(
         def rows() -> Iterator[dict[str, Any]]:
             nonlocal failed
             expected = 0
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            batches = (
+                batch
+                for start in range(0, len(inputs), window)
+                for batch in pipeline(start, min(len(inputs), start + window)).iter_batches(
+                    batch_size=None, batch_format="numpy"
+                )
+            )
+            for batch in batches:
                 for j, i in enumerate(batch["index"]):
                     i = int(i)
                     if i != expected:  # never: preserve_order holds; a wrong file would be worse than a stop
@@ -254,7 +269,6 @@ def predict(
             bar.close()
         if pictures is not None:
             pictures.finish()
-        del model
     return written, failed
 
 
