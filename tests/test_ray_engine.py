@@ -176,3 +176,18 @@ def test_fit_on_ray_fits_ensembles_from_the_command_line_and_add_extends_them(da
 def test_ray_flags_need_the_ray_engine(data, tmp_path, capsys):
     assert main(["predict", "m.safetensors", str(data), "-o", str(tmp_path / "o"), "--num-workers", "2"]) == 1
     assert "--num-workers need --engine ray" in capsys.readouterr().err
+
+
+def test_a_fit_shard_whose_worker_dies_is_retried(rng_images, tmp_path):
+    marker = str(tmp_path / "died")
+
+    def dies_once(detector, images, n_shards):
+        if not os.path.exists(marker):
+            Path(marker).write_text("died")
+            os._exit(1)
+        return detector.fit_shard(images, n_shards)
+
+    expected = ray_engine.fit(PatchCore(**SMALL), rng_images, shards=2)
+    got = ray_engine.fit(PatchCore(**SMALL), rng_images, shards=2, shard_task=dies_once)
+    assert Path(marker).exists()
+    assert np.array_equal(got.memory_bank_.numpy(), expected.memory_bank_.numpy())
