@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch and torchvision pinned to the CPU-capable builds this project is tested with.
 .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,serve]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,serve,ray]"

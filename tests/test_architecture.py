@@ -21,7 +21,8 @@ LAYERS = [
     {"detectors", "datasets"},
     {"evaluation", "runtime"},
     {"reporting", "export"},
-    {"serve"},  # below cli: the serve command imports it (lazily, so the CLI never needs fastapi)
+    # below cli: the serve command and the engine flags import them (lazily: the CLI needs neither fastapi nor ray)
+    {"serve", "engines"},
     {"cli"},
 ]
 RANK = {component: rank for rank, layer in enumerate(LAYERS) for component in layer}
@@ -132,3 +133,10 @@ def test_the_package_root_exports_lazily():
     assert patchcore.load.__module__ == "patchcore.detectors"
     with pytest.raises(AttributeError):
         patchcore.nothing_here  # noqa: B018
+
+
+def test_optional_engines_load_only_when_used():
+    """Ray is an extra: importing the package, the CLI and every command must not import it."""
+    code = "import sys, patchcore, patchcore.cli, patchcore.cli.commands.predict, patchcore.cli.commands.fit; "
+    code += "sys.exit('ray' in sys.modules or 'patchcore.engines.ray_engine' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0, "importing the CLI loads ray"

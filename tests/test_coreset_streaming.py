@@ -190,10 +190,22 @@ def test_peak_memory_does_not_grow_with_the_stream():
         finally:
             tracemalloc.stop()
 
+    def blas_limit_cost() -> int:
+        # threadpoolctl enumerates the loaded libraries on every limit: its transient memory grows with what the
+        # process has loaded (about 160 kB with torch, 420 kB once pandas and pyarrow, the ray extra's, are in)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            with coreset._single_threaded_blas():
+                pass
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
     short, long = peak(3 * max_rows), peak(40 * max_rows)
     buffer_bytes = max_rows * dim * 4
     assert long < short * 1.1 + 64 * 1024  # 40x the rows, same peak
-    assert long < 6 * buffer_bytes + 256 * 1024  # bounded by a small multiple of the buffer
+    assert long < 6 * buffer_bytes + 64 * 1024 + blas_limit_cost()  # bounded by a small multiple of the buffer
     assert long < x.nbytes / 2  # far below keeping everything
 
 

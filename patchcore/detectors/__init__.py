@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import PatchCoreError
-from ..persistence import read_state
+from ..persistence import DetectorState, read_state, state_from_bytes
 from .base import Detector, Inference, Prediction, Scorer, Thresholds
 
 if TYPE_CHECKING:
@@ -45,13 +45,23 @@ def load(path: str | os.PathLike, **runtime: Any) -> Detector:
 
     ``runtime``: device, batch_size, search, progress (and ``weights`` for a single model).
     """
-    state = read_state(path)
+    return from_state(read_state(path), source=path, **runtime)
+
+
+def loads(data: bytes, *, source: str = "model bytes", verify_signature: bool = True, **runtime: Any) -> Detector:
+    """The detector in the bytes of a model file (``detector.to_bytes()`` or a file's content), checked like
+    :func:`load` (``verify_signature`` False: the checksum only, for bytes whose file was verified already)."""
+    return from_state(state_from_bytes(data, source, verify_signature), source=source, **runtime)
+
+
+def from_state(state: DetectorState, *, source: Any = "state", **runtime: Any) -> Detector:
+    """The detector a state describes, whichever kind it is."""
     known = kinds()
     if state.kind not in known:
         raise PatchCoreError(
-            f"{path}: a {state.kind} file, which patchcore {__version__} cannot load: upgrade patchcore"
+            f"{source}: a {state.kind} file, which patchcore {__version__} cannot load: upgrade patchcore"
         )
-    return known[state.kind].from_state(state, source=path, **runtime)
+    return known[state.kind].from_state(state, source=source, **runtime)
 
 
 __all__ = [
@@ -63,6 +73,8 @@ __all__ = [
     "Prediction",
     "Scorer",
     "Thresholds",
+    "from_state",
     "kinds",
     "load",
+    "loads",
 ]

@@ -9,6 +9,7 @@ ends in ``_``, and using an unfitted detector raises :class:`~patchcore.errors.N
 model that cannot learn (the torch-free ONNX runtime) is a Scorer. A :class:`Detector` learns too.
 
 A subclass implements :meth:`~Detector.fit`, :meth:`~Detector.partial_fit`, :meth:`~Detector.infer`,
+the distributed fit (:meth:`~Detector.calibration_split`, :meth:`~Detector.fit_shard`, :meth:`~Detector.merge_shards`),
 :meth:`~Detector.get_state`, :meth:`~Detector.from_state`, :meth:`~Detector.describe`,
 :attr:`~Detector.memory_bank_size` and the two hooks ``_check_fitted`` and ``_manual_thresholds``;
 scoring, maps, predictions, thresholds and files are shared here.
@@ -34,7 +35,7 @@ from ..core.thresholds import (
 )
 from ..errors import NotFittedError, PatchCoreError
 from ..imaging import Geometry, ImageLike, TiledGeometry, map_to_original
-from ..persistence import DetectorState, read_state, write_state
+from ..persistence import DetectorState, read_state, state_to_bytes, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +200,20 @@ class Detector(Scorer):
     def partial_fit(self: D, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> D:
         """Add good images to a fitted detector without revisiting the old ones. Returns self."""
 
+    @abstractmethod
+    def calibration_split(self, images: Sequence[ImageLike]) -> tuple[list[ImageLike], list[ImageLike]]:
+        """(the images ``fit`` puts into the memory bank(s), the images it holds out for calibration)."""
+
+    @abstractmethod
+    def fit_shard(self, images: Sequence[ImageLike], n_shards: int) -> list[bytes]:
+        """Distributed fit, on a worker: the bank(s) of one of ``n_shards`` shards of the bank images (see
+        :meth:`calibration_split`) as model-file bytes, one per bank; the detector itself stays unfitted."""
+
+    @abstractmethod
+    def merge_shards(self: D, parts: Sequence[Sequence[bytes]], calibration: Sequence[ImageLike]) -> D:
+        """Distributed fit, on the driver: fit from every shard's :meth:`fit_shard` output (a greedy coreset over
+        the union of theirs) and the held-out ``calibration`` images. Returns self."""
+
     def explain(self, image: ImageLike, *, data_root: Any = None) -> Any:
         """The most anomalous patch of ``image`` and the nearest normal patch (an
         :class:`~patchcore.detectors.explain.Explanation`); detectors that cannot say raise PatchCoreError."""
@@ -275,6 +290,12 @@ class Detector(Scorer):
         """Write the fitted detector atomically as one model file (see :mod:`patchcore.persistence`)."""
         self._check_fitted()
         write_state(path, self.get_state())
+
+    def to_bytes(self) -> bytes:
+        """The fitted detector as the bytes of its model file (``patchcore.detectors.loads`` reads them back):
+        how it travels to other processes and machines, without pickle."""
+        self._check_fitted()
+        return state_to_bytes(self.get_state())
 
     @classmethod
     def load(cls: type[D], path: str | os.PathLike, **runtime: Any) -> D:

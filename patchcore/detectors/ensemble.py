@@ -97,6 +97,13 @@ class PatchCoreEnsemble(Detector):
     # ------------------------------------------------------------------ fitting
     def fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCoreEnsemble:
         """Fit every member on the same good images, minus the held-out calibration share. Returns self."""
+        train, calibration = self.calibration_split(images)
+        self.models_ = [PatchCore(config, **self._runtime()).fit(train, root=root) for config in self._member_configs()]
+        self._standardize(len(train), calibration)
+        self.fit_stats_ = self._summed_stats()
+        return self
+
+    def _check_settings(self) -> None:
         if len(self.members) < 2:
             raise PatchCoreError("an ensemble needs at least two members (backbones)")
         if len({tuple(getattr(c, name) for name in SHARED_GEOMETRY) for c in self.members}) > 1:
@@ -109,21 +116,50 @@ class PatchCoreEnsemble(Detector):
         if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:
             raise PatchCoreError(f"threshold_fpr={self.threshold_fpr} must lie in (0, 1), e.g. 0.05")
         self.resolved_batch_size()
-        images = list(images)
-        keep, held_out = split_calibration(len(images), self.calibration_share, self.seed)
-        train, calibration = [images[i] for i in keep], [images[i] for i in held_out]
-        self.models_ = [PatchCore(config, **self._runtime()).fit(train, root=root) for config in self._member_configs()]
+
+    def _standardize(self, n_train: int, calibration: list[ImageLike]) -> None:
+        """The members' statistics on the held-out images, and the thresholds, once the members are fitted."""
         scores, maps = self._member_outputs(calibration)
         # (member, 2) statistics: a zero spread (a single calibration image) falls back to 1
         self.score_stats_ = np.array([[s.mean(), s.std() or 1.0] for s in scores])
         self.pixel_stats_ = np.array([[m.mean(), m.std() or 1.0] for m in maps])
-        self.n_train_ = len(train)
+        self.n_train_ = n_train
         self.n_calibration_ = len(calibration)
         self.thresholds_ = Thresholds(
             self.threshold, self.pixel_threshold, "manual" if self.threshold is not None else None
         )
         if self.threshold_fpr is not None and self.threshold is None:
             self.calibrate(calibration, self.threshold_fpr)
+
+    # ------------------------------------------------------------------ fitting in shards (distributed)
+    def calibration_split(self, images: Sequence[ImageLike]) -> tuple[list[ImageLike], list[ImageLike]]:
+        """(the images ``fit`` puts into the banks, the seeded ``calibration_share`` it holds out)."""
+        self._check_settings()
+        images = list(images)
+        keep, held_out = split_calibration(len(images), self.calibration_share, self.seed)
+        return [images[i] for i in keep], [images[i] for i in held_out]
+
+    def fit_shard(self, images: Sequence[ImageLike], n_shards: int) -> list[bytes]:
+        """Every member's bank of one shard (:meth:`PatchCore.fit_shard`): one model file's bytes per member."""
+        self._check_settings()
+        images = list(images)
+        return [
+            PatchCore(config, **self._runtime()).fit_shard(images, n_shards)[0] for config in self._member_configs()
+        ]
+
+    def merge_shards(self, parts: Sequence[Sequence[bytes]], calibration: Sequence[ImageLike]) -> PatchCoreEnsemble:
+        """Each member from its banks of the shards (:meth:`PatchCore.merge_shards`), then the standardisation
+        and thresholds from ``calibration`` (:meth:`calibration_split`). Returns self."""
+        self._check_settings()
+        configs = self._member_configs()
+        for i, part in enumerate(parts):
+            if len(part) != len(configs):
+                raise PatchCoreError(f"shard {i} holds {len(part)} banks, not one per member ({len(configs)})")
+        self.models_ = [
+            PatchCore(config, **self._runtime()).merge_shards([[part[j]] for part in parts], [])
+            for j, config in enumerate(configs)
+        ]
+        self._standardize(self.models_[0].n_train_, list(calibration))
         self.fit_stats_ = self._summed_stats()
         return self
 

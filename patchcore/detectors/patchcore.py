@@ -43,7 +43,7 @@ from ..imaging import (
     tile_geometry,
     tile_inputs,
 )
-from ..persistence import DetectorState
+from ..persistence import DetectorState, state_from_bytes
 from ..persistence.model_file import SINGLE_KIND
 from ..search import SEARCH_BACKENDS, build_index
 from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, not_fitted
@@ -134,10 +134,7 @@ class PatchCore(Detector):
         if not images:
             raise PatchCoreError("no training images: fit needs at least one good image")
         cfg = self.config
-        calibration: list[ImageLike] = []
-        if cfg.threshold_fpr is not None and cfg.threshold is None:
-            keep, held_out = split_calibration(len(images), cfg.calibration_share, cfg.seed)
-            images, calibration = [images[i] for i in keep], [images[i] for i in held_out]
+        images, calibration = self.calibration_split(images)
         started = time.perf_counter()
         backbone = self._make_backbone()
         log = SourceLog()
@@ -152,11 +149,92 @@ class PatchCore(Detector):
         self.backbone_ = backbone
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
+        self._set_thresholds(calibration)
+        self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
+        logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
+        return self
+
+    def _set_thresholds(self, calibration: Sequence[ImageLike]) -> None:
+        """The thresholds after a fit: by hand, or from the held-out ``calibration`` images."""
+        cfg = self.config
         self.thresholds_ = Thresholds(cfg.threshold, cfg.pixel_threshold, "manual" if cfg.threshold else None)
         if calibration and cfg.threshold_fpr is not None:
             self.calibrate(calibration, cfg.threshold_fpr)
-        self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
-        logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
+
+    # ------------------------------------------------------------------ fitting in shards (distributed)
+    def calibration_split(self, images: Sequence[ImageLike]) -> tuple[list[ImageLike], list[ImageLike]]:
+        """(the images ``fit`` puts into the bank, those it holds out for calibration): with ``threshold_fpr``
+        (and no manual ``threshold``) a seeded ``calibration_share``, else none."""
+        images = list(images)
+        cfg = self.config
+        if cfg.threshold_fpr is None or cfg.threshold is not None:
+            return images, []
+        keep, held_out = split_calibration(len(images), cfg.calibration_share, cfg.seed)
+        return [images[i] for i in keep], [images[i] for i in held_out]
+
+    def fit_shard(self, images: Sequence[ImageLike], n_shards: int) -> list[bytes]:
+        """The memory bank of one of ``n_shards`` shards of the bank images (a composable coreset): the greedy
+        coreset of the shard's patch features at ``n_shards`` x ``coreset_ratio`` (or ``coreset_size`` rows),
+        so the shards together offer the final greedy about ``n_shards`` times the rows it keeps. No images are
+        held out and no thresholds set (:meth:`merge_shards` does that). Returns one model file's bytes."""
+        cfg = self.config
+        ratio = min(1.0, cfg.coreset_ratio * max(1, int(n_shards)))
+        part_config = cfg.replace(coreset_ratio=ratio, threshold_fpr=None, threshold=None, pixel_threshold=None)
+        runtime = {name: getattr(self, name) for name in RUNTIME}
+        return [PatchCore(part_config, **runtime).fit(images).to_bytes()]
+
+    def merge_shards(self, parts: Sequence[Sequence[bytes]], calibration: Sequence[ImageLike]) -> PatchCore:
+        """Fit from the shards' banks (:meth:`fit_shard`): the greedy coreset over their union, of the size one
+        ``fit`` on all of their images would keep (composable coresets: Malkomes et al., NeurIPS 2015), then the
+        thresholds from ``calibration`` (:meth:`calibration_split`). Deterministic for the seed and the shards.
+        Returns self."""
+        if not parts:
+            raise PatchCoreError("no shards to merge: fit needs at least one good image")
+        cfg = self.config
+        started = time.perf_counter()
+        banks, seen, n_train = [], 0, 0
+        feature_shape: tuple[int, int] | None = None
+        for i, part in enumerate(parts):
+            if len(part) != 1:
+                raise PatchCoreError(f"shard {i} holds {len(part)} banks: a PatchCore model has one")
+            state = state_from_bytes(part[0], source=f"shard {i}", verify_signature=False)
+            if state.kind != self.kind:
+                raise PatchCoreError(f"shard {i} holds a {state.kind}, not a {self.kind}")
+            train = header_dict(state.meta, "train")
+            banks.append(torch.from_numpy(np.asarray(state.tensors["memory_bank"], dtype=np.float32)))
+            seen += int(train["full_bank_size"])
+            n_train += int(train["n_train"])
+            feature_shape = feature_shape or (int(train["feature_shape"][0]), int(train["feature_shape"][1]))
+        union = torch.cat(banks)
+        n_select = min(coreset_size(seen, cfg.coreset_ratio, cfg.coreset_size), union.shape[0])
+        if cfg.coreset_method == "random":
+            chosen = random_coreset(union.shape[0], n_select, seed=cfg.seed)
+        else:
+            with self._bar(n_select, "coreset of the shards") as bar:
+                chosen = greedy_coreset(
+                    union,
+                    n_select,
+                    projection_dim=cfg.projection_dim,
+                    seed=cfg.seed,
+                    progress=lambda n: bar.update(n - bar.n),
+                )
+        self._use_bank(union[torch.from_numpy(np.asarray(chosen))].contiguous())
+        # where each row came from is not carried across shards (each shard names its images relative to its
+        # own folder): explain() says "not recorded" for a model fitted in shards
+        self.bank_source_, self.train_paths_ = None, []
+        coreset_seconds = time.perf_counter() - started
+        self.backbone_ = self._make_backbone()
+        self.feature_shape_ = feature_shape or (1, 1)
+        self.n_train_ = n_train
+        self._set_thresholds(calibration)
+        self.fit_stats_ = {  # the merge's own; the shards' work ran elsewhere (the engine times it)
+            "coreset_seconds": coreset_seconds,
+            "fit_seconds": time.perf_counter() - started,
+            "full_bank_size": seen,
+            "shards": len(parts),
+            "union_size": int(union.shape[0]),
+        }
+        logger.info("memory bank: %d of the shards' %d rows kept (%d patches seen)", n_select, union.shape[0], seen)
         return self
 
     def partial_fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCore:

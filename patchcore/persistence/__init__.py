@@ -12,6 +12,8 @@ from .model_file import (
     read_document,
     read_header,
     read_state,
+    state_from_bytes,
+    state_to_bytes,
     write_state,
 )
 
@@ -23,6 +25,8 @@ __all__ = [
     "read_document",
     "read_header",
     "read_state",
+    "state_from_bytes",
+    "state_to_bytes",
     "write_bytes",
     "write_state",
 ]

@@ -152,6 +152,20 @@ def write_state(path: str | os.PathLike, state: DetectorState) -> None:
     from safetensors.numpy import save_file
 
     check_model_target(path)
+    tensors, metadata = _encode(state)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def state_to_bytes(state: DetectorState) -> bytes:
+    """``state`` as the bytes of a model file (what :func:`write_state` writes), e.g. to send it to workers."""
+    from safetensors.numpy import save
+
+    tensors, metadata = _encode(state)
+    return save(tensors, metadata=metadata)
+
+
+def _encode(state: DetectorState) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and the safetensors metadata (the JSON header) of a model file holding ``state``."""
     if not state.kind.startswith(KIND_PREFIX):
         raise ValueError(f"detector kind {state.kind!r} must start with {KIND_PREFIX!r}")
     clash = sorted(set(state.meta) & set(ENVELOPE))
@@ -170,8 +184,7 @@ def write_state(path: str | os.PathLike, state: DetectorState) -> None:
     key = signing_key()
     if key is not None:
         header["signature"] = signature(key, header["checksum"])
-    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return tensors, {METADATA_KEY: json.dumps(header, sort_keys=True)}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -187,6 +200,11 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
             metadata = handle.metadata() or {}
     except Exception as exc:
         raise PatchCoreError(f"{path}: not a readable PatchCore model file ({exc}); refit or restore it") from exc
+    return _check_header(metadata, path)
+
+
+def _check_header(metadata: Mapping[str, str], path: Any) -> dict[str, Any]:
+    """The PatchCore header in a safetensors file's metadata, checked (``path`` names it in errors)."""
     try:
         header = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
@@ -223,6 +241,12 @@ def read_tensors(
         raise PatchCoreError(
             f"{path}: the tensors cannot be read ({exc}); the file is damaged: refit or restore it"
         ) from exc
+    return _check_tensors(tensors, header, path, verify_signature)
+
+
+def _check_tensors(
+    tensors: dict[str, np.ndarray], header: Mapping[str, Any], path: Any, verify_signature: bool
+) -> dict[str, np.ndarray]:
     expected = header.get("tensors")
     if not isinstance(expected, dict):
         raise PatchCoreError(f"{path}: the header lists no tensors; the file was altered: refit or restore it")
@@ -253,9 +277,27 @@ def read_state(path: str | os.PathLike, verify_signature: bool = True) -> Detect
     """The verified state in a model file, migrated to the current format version (``verify_signature``
     False: the checksum is verified, the signature not; for signing)."""
     header = read_header(path)
-    tensors = read_tensors(path, header, verify_signature)
+    return _state(header, read_tensors(path, header, verify_signature), path)
+
+
+def state_from_bytes(data: bytes, source: Any = "model bytes", verify_signature: bool = True) -> DetectorState:
+    """The verified state in the bytes of a model file (:func:`state_to_bytes`, or a file's content), checked
+    like :func:`read_state`; ``source`` names the bytes in errors."""
+    from safetensors.numpy import load
+
+    try:
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as exc:
+        raise PatchCoreError(f"{source}: not a readable PatchCore model ({exc}); refit or restore it") from exc
+    header = _check_header(metadata, source)
+    return _state(header, _check_tensors(tensors, header, source, verify_signature), source)
+
+
+def _state(header: dict[str, Any], tensors: dict[str, np.ndarray], source: Any) -> DetectorState:
     kind, version = header["format"], header["format_version"]
-    meta = migrate(kind, {k: v for k, v in header.items() if k not in ENVELOPE}, version, path)
+    meta = migrate(kind, {k: v for k, v in header.items() if k not in ENVELOPE}, version, source)
     provenance = {k: header.get(k) for k in ("format_version", "package_version", "created")}
     return DetectorState(kind, meta, tensors, provenance)
 

@@ -279,11 +279,26 @@ class OverlayWriter:
         self.pending.clear()
 
     def _write(self, image: Any, relative: Path, amap: np.ndarray, geometry: Any) -> None:
-        _, full, overlay = render_overlay(image, amap, geometry, self.range.range(), self.pixel_threshold)
-        save_png(self.out / "overlays" / relative, overlay)
-        if self.pixel_threshold is not None:
-            save_png(self.out / "masks" / relative, binary_mask(full, self.pixel_threshold))
+        overlay, mask = render_pictures(image, amap, geometry, self.range.range(), self.pixel_threshold)
+        self.put(relative, overlay, mask)
+
+    def put(self, relative: Path, overlay: bytes, mask: bytes | None) -> None:
+        """Write pictures drawn elsewhere (:func:`render_pictures`, e.g. on a worker): ``relative`` is the
+        picture's path under overlays/ and masks/, ".png" included."""
+        write_bytes(self.out / "overlays" / relative, overlay)
+        if mask is not None:
+            write_bytes(self.out / "masks" / relative, mask)
         self.written += 1
+
+
+def render_pictures(
+    image: Any, input_map: np.ndarray, geometry: Any, vrange: tuple[float, float], pixel_threshold: float | None
+) -> tuple[bytes, bytes | None]:
+    """The PNG bytes of an image's heatmap overlay and, with a pixel threshold, of its binary mask (see
+    :func:`render_overlay`): what :class:`OverlayWriter` writes."""
+    _, full, overlay = render_overlay(image, input_map, geometry, vrange, pixel_threshold)
+    mask = None if pixel_threshold is None else to_png_bytes(binary_mask(full, pixel_threshold))
+    return to_png_bytes(overlay), mask
 
 
 def sample_names(samples: Any) -> list[Path]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ...errors import PatchCoreError
 from ...persistence import check_model_target
+from ..engine import add_engine_flags, check_engine_flags, fit_on_ray
 from ..options import (
     add_config_flags,
     add_folder_flags,
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_config_flags(parser)
     add_runtime_flags(parser)
+    add_engine_flags(parser, shards=True)
 
 
 def data_folder(args: argparse.Namespace) -> str | None:
@@ -47,13 +50,19 @@ def data_folder(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     check_model_target(args.output)
+    check_engine_flags(args)
     if args.add:  # settings and model first: a bad one is refused before any image is read
         refuse_model_settings(args, "--add keeps the model's settings")
+        if args.engine != "local":
+            raise PatchCoreError("--add runs on this machine (it reads only the new images): drop --engine ray")
         detector = load_detector(args.add, args)
         detector.partial_fit(dataset_from_args(args).train, root=data_folder(args))
     else:
         detector = make_detector(args)
-        detector.fit(dataset_from_args(args).train, root=data_folder(args))
+        if args.engine == "ray":
+            fit_on_ray(args, detector, list(dataset_from_args(args).train))
+        else:
+            detector.fit(dataset_from_args(args).train, root=data_folder(args))
     detector.save(args.output)
     stats = detector.fit_stats_
     logger.info(

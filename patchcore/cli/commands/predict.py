@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ...detectors.base import Detector
 from ...errors import PatchCoreError
-from ...imaging import list_images, load_image, map_to_original
-from ...reporting.files import output_names, with_extension, write_csv, write_npy, write_text
+from ...imaging import list_images, load_image
+from ...reporting.files import output_names, with_extension, write_npy
 from ...reporting.overlays import OverlayWriter
+from ...reporting.results import error_row, map_path, original_map, scored_row, write_results
+from ..engine import add_engine_flags, check_engine_flags, predict_on_ray
 from ..options import (
     OVERLAY_HELP,
     RESULT_KEYS,
@@ -39,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlays", action="store_true", help=f"write OUT/overlays/<relative path>.png: {OVERLAY_HELP}"
     )
     add_runtime_flags(parser)
+    add_engine_flags(parser)
 
 
 def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -59,6 +62,7 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_engine_flags(args)
     out = Path(args.output)
     inputs = collect_inputs(args.inputs)
     check_output_folder(out, [Path(args.model), *(Path(item) for item in args.inputs)])
@@ -68,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     planned += [out / "maps" / with_extension(name, ".npy") for name in names]
     check_planned_outputs(planned, [Path(args.model), *(path for path, _ in inputs)])
     detector = load_scorer(args.model, args)
+    if args.engine == "ray":
+        if not isinstance(detector, Detector):
+            raise PatchCoreError("--engine ray ships a model file to its workers: pass the .safetensors, not an export")
+        return finish(out, *predict_on_ray(args, detector, [path for path, _ in inputs], names, out))
     rows: list[dict | None] = [None] * len(inputs)
     failed = 0
     batch: list[tuple[int, np.ndarray]] = []
@@ -79,11 +87,10 @@ def run(args: argparse.Namespace) -> int:
         for (i, image), result in zip(batch, results):
             path, name = inputs[i][0], names[i]
             if args.maps:
-                amap = map_to_original(result.map(), result.geometry).astype(np.float32)
-                write_npy(out / "maps" / with_extension(name, ".npy"), amap)
+                write_npy(map_path(out, name), original_map(result.map(), result.geometry))
             if overlays is not None:
                 overlays.add(image, name, result.map(), result.geometry, path=path)
-            rows[i] = {"path": str(path), "score": result.score, **detector.decide(result.score), "error": ""}
+            rows[i] = scored_row(path, result.score, detector)
         batch.clear()
 
     for i, (path, _) in enumerate(inputs):
@@ -92,27 +99,23 @@ def run(args: argparse.Namespace) -> int:
         except PatchCoreError as exc:
             failed += 1
             print(f"patchcore: error: {exc}", file=sys.stderr)
-            rows[i] = {"path": str(path), "score": None, "error": str(exc)}
+            rows[i] = error_row(path, str(exc))
         if len(batch) >= detector.resolved_batch_size() or sum(a.size for _, a in batch) >= PIXEL_BUDGET:
             flush()
     if batch:
         flush()
     if overlays is not None:
         overlays.finish()
-    written = [row for row in rows if row is not None]
-    write_csv(out / "scores.csv", [*RESULT_KEYS, "error"], written)
-    write_text(
-        out / "results.jsonl",
-        "".join(
-            json.dumps({**{key: row.get(key) for key in RESULT_KEYS}, "error": row.get("error") or None}) + "\n"
-            for row in written
-        ),
-    )
-    logger.info("scored %d of %d images; wrote %s", len(written) - failed, len(written), out / "scores.csv")
+    return finish(out, write_results(out, RESULT_KEYS, [row for row in rows if row is not None]), failed)
+
+
+def finish(out: Path, written: int, failed: int) -> int:
+    """The run's summary and exit code, once its files are written."""
+    logger.info("scored %d of %d images; wrote %s", written - failed, written, out / "scores.csv")
     if failed:
         where = out / "scores.csv"
         print(
-            f"patchcore: error: {failed} of {len(written)} images could not be read (see the error column of {where})",
+            f"patchcore: error: {failed} of {written} images could not be read (see the error column of {where})",
             file=sys.stderr,
         )
         return EXIT_PARTIAL
