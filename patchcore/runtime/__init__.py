@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 METADATA_KEY = "patchcore"
 EXPORT_FORMAT = "patchcore-onnx"
 EXPORT_VERSION = 1
-# Input pixels per ONNX Runtime call (about two 384 px images): the graph's intermediates grow with the
-# batch, and on a CPU a small batch runs as fast per image (see backbones.CPU_PIXELS_PER_SLICE).
+# Input pixels per ONNX Runtime call (two 384 px images): the graph's intermediates grow with the batch,
+# and on a CPU a small batch runs as fast per image (see backbones.CPU_PIXELS_PER_SLICE).
 PIXELS_PER_RUN = 300_000
 
 
@@ -98,7 +98,10 @@ class OnnxDetector(Scorer):
         for image in images:
             array = load_image(image, self.max_pixels)
             x, geometry = preprocess_array(array, spec["resize"], crop, mean, std, keep_aspect=spec["keep_aspect"])
-            if batch and (len(batch) == self.resolved_batch_size() or x.shape != batch[0][0].shape):
+            # a run holds batch_size inputs of one shape, and never more than PIXELS_PER_RUN input pixels: the
+            # graph's intermediates (and this process's memory) then stay small whatever the batch size
+            limit = min(self.resolved_batch_size(), max(1, PIXELS_PER_RUN // (x.shape[1] * x.shape[2])))
+            if batch and (len(batch) >= limit or x.shape != batch[0][0].shape):
                 yield from self._run(batch, maps)
                 batch = []
             batch.append((x, geometry))
@@ -106,12 +109,9 @@ class OnnxDetector(Scorer):
             yield from self._run(batch, maps)
 
     def _run(self, batch: list[tuple[np.ndarray, Geometry]], maps: bool) -> Iterator[Inference]:
-        step = max(1, PIXELS_PER_RUN // (batch[0][0].shape[1] * batch[0][0].shape[2]))
-        for start in range(0, len(batch), step):
-            part = batch[start : start + step]
-            scores, amaps = self.session_.run(None, {"input": np.stack([x for x, _ in part])})
-            for (_, geometry), score, amap in zip(part, scores, amaps):
-                yield Inference(float(score), amap if maps else None, geometry)
+        scores, amaps = self.session_.run(None, {"input": np.stack([x for x, _ in batch])})
+        for (_, geometry), score, amap in zip(batch, scores, amaps):
+            yield Inference(float(score), amap if maps else None, geometry)
 
 
 def read_export(path: Path, verify: bool = True) -> dict[str, Any]:
