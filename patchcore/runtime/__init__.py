@@ -30,9 +30,10 @@ logger = logging.getLogger(__name__)
 METADATA_KEY = "patchcore"
 EXPORT_FORMAT = "patchcore-onnx"
 EXPORT_VERSION = 1
-# Input pixels per ONNX Runtime call (two 384 px images): the graph's intermediates grow with the batch,
-# and on a CPU a small batch runs as fast per image (see backbones.CPU_PIXELS_PER_SLICE).
-PIXELS_PER_RUN = 300_000
+# Input pixels per ONNX Runtime call (one 384 px image, three of 224 px): the graph's intermediates grow
+# with the batch (runs of two 384 px images peaked 150 MiB higher), and on a CPU a bigger run is not faster
+# per image (31.6 ms per image at batch 1 and 32.1 in runs of two, benchmarks/export_bench.py).
+PIXELS_PER_RUN = 160_000
 
 
 class OnnxDetector(Scorer):
