@@ -30,10 +30,11 @@ logger = logging.getLogger(__name__)
 METADATA_KEY = "patchcore"
 EXPORT_FORMAT = "patchcore-onnx"
 EXPORT_VERSION = 1
-# Input pixels per ONNX Runtime call (one 384 px image, three of 224 px): the graph's intermediates grow
-# with the batch (runs of two 384 px images peaked 150 MiB higher), and on a CPU a bigger run is not faster
-# per image (31.6 ms per image at batch 1 and 32.1 in runs of two, benchmarks/export_bench.py).
-PIXELS_PER_RUN = 160_000
+# Input pixels per ONNX Runtime call (one image of 224 or 384 px, four of 128 px): the graph's intermediates
+# grow with the run, and on a CPU a bigger run is hardly faster per image. Measured at batch 32 on textile:
+# 384 px, runs of 2 images peaked at 378 MiB, of 1 at 231 MiB; 224 px (a 15,680-row bank), runs of 3 peaked
+# at 603 MiB for 23.3 ms per image, runs of 1 at 255-259 MiB for 24.0-27.2 ms.
+PIXELS_PER_RUN = 65_536
 
 
 class OnnxDetector(Scorer):
