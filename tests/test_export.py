@@ -1,9 +1,10 @@
-"""ONNX export and the torch-free runtime: the same answers as the torch model, files that cannot be
-altered unnoticed, one-line refusals, and `patchcore predict model.onnx` with torch absent."""
+"""ONNX export and the torch-free runtime: the same answers as the torch model, a memory bank that cannot
+be altered unnoticed, one-line refusals, and `patchcore predict model.onnx` with torch absent."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,13 +15,15 @@ import pytest
 import torch
 
 import patchcore.export.graph as graph_module
+import patchcore.runtime as runtime_module
 from helpers import run_cli, snapshot
 from patchcore import PatchCore, PatchCoreConfig, PatchCoreEnsemble
 from patchcore.cli import main
+from patchcore.errors import PatchCoreError
 from patchcore.export import export
 from patchcore.export.graph import PatchCoreGraph
 from patchcore.imaging import map_to_original, preprocess
-from patchcore.runtime import OnnxDetector
+from patchcore.runtime import OnnxDetector, read_export
 from synthetic import SMALL, make_mvtec, texture
 
 pytest.importorskip("onnxruntime")
@@ -60,8 +63,9 @@ def exported(request, tmp_path_factory) -> tuple[PatchCore, Path, list[np.ndarra
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
-def test_the_export_gives_the_models_scores_maps_and_verdicts(exported, batch_size):
+def test_the_export_gives_the_models_scores_maps_and_verdicts(exported, batch_size, monkeypatch):
     model, path, test, expected = exported
+    monkeypatch.setattr(runtime_module, "PIXELS_PER_RUN", 10**9)  # the graph itself takes batch_size inputs
     runtime = OnnxDetector.load(path, batch_size=batch_size)
     got = list(runtime.infer(test))
     assert len(got) == len(expected) == 7
@@ -158,6 +162,7 @@ class NoTorch:
             raise ImportError("torch is not installed here")
 sys.meta_path.insert(0, NoTorch())
 from patchcore.cli import main
+from patchcore.errors import PatchCoreError
 code = main(sys.argv[1:])
 assert "torch" not in sys.modules
 sys.exit(code)
@@ -221,6 +226,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(cli_model, rng_images, t
     PatchCore(**SMALL, tile_size=32).fit(rng_images[:2]).save(tmp_path / "tiles.safetensors")
     (tmp_path / "notes.onnx").write_text("my notes")
     (tmp_path / "image.png").write_bytes(b"not a model")
+    (tmp_path / "fresh.bin").write_bytes(b"someone's data, beside where an OpenVINO export would go")
     before = snapshot(tmp_path)
     cases = [
         (["export", tmp_path / "image.png", "-o", tmp_path / "x.onnx"], ["image.png"]),
@@ -228,6 +234,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(cli_model, rng_images, t
         (["export", tmp_path / "tiles.safetensors", "-o", tmp_path / "x.onnx"], ["tiling"]),
         (["export", model, "-o", tmp_path / "x.txt"], [".onnx"]),
         (["export", model, "-o", tmp_path / "notes.onnx"], ["notes.onnx", "not overwritten"]),
+        (["export", model, "-o", tmp_path / "fresh.xml", "--format", "openvino"], ["fresh.bin", "replace"]),
     ]
     for args, words in cases:
         one_line_error(run_cli(*args), *words)
@@ -283,3 +290,39 @@ def test_the_export_keeps_the_textile_aurocs_to_four_decimals(tmp_path):
     assert round(have["image_auroc"], 4) == round(want["image_auroc"], 4)  # good vs all (textile has no masks)
     for kind, value in want["image_auroc_by_type"].items():  # good vs local, good vs global
         assert round(have["image_auroc_by_type"][kind], 4) == round(value, 4), kind
+
+
+def varint(value: int) -> bytes:
+    out = b""
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out += bytes([low | (0x80 if value else 0)])
+        if not value:
+            return out
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def test_a_second_copy_of_the_bank_is_refused_not_skipped(tmp_path):
+    """Protobuf lets the last copy of a field win: a reader that hashed the first copy could be shown other
+    bytes than ONNX Runtime loads. Repeated fields of the bank are refused."""
+    honest, other = np.zeros(4, np.float32).tobytes(), np.ones(4, np.float32).tobytes()
+    document = {
+        "format": "patchcore-onnx",
+        "format_version": 1,
+        "config": {},
+        "input": {"resize": 64, "crop": 56, "keep_aspect": False, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        "bank": {"initializer": "bank", "rows": 1, "dim": 4, "sha256": hashlib.sha256(honest).hexdigest()},
+    }
+    metadata = field(14, field(1, b"patchcore") + field(2, json.dumps(document, separators=(",", ":")).encode()))
+    for tensor in (field(8, b"bank") + field(9, honest) + field(9, other), field(8, b"bank") + field(9, honest)):
+        path = tmp_path / "model.onnx"
+        path.write_bytes(field(7, field(5, tensor)) + metadata)
+        if tensor.endswith(other):
+            with pytest.raises(PatchCoreError, match="repeats a field"):
+                read_export(path)
+        else:
+            assert read_export(path)["bank"]["rows"] == 1  # the honest file passes the same check

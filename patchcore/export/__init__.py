@@ -106,18 +106,18 @@ def to_onnx(model: PatchCore) -> Any:
     """The ``onnx.ModelProto`` of a fitted PatchCore, its metadata set."""
     try:
         import onnx
+        import onnxscript.optimizer
     except ImportError:
-        raise PatchCoreError("export needs the onnx packages: pip install 'patchcore[export]'") from None
+        raise PatchCoreError("export needs onnx and onnxscript: pip install 'patchcore[export]'") from None
     from .graph import PatchCoreGraph
 
     cfg = model.config
     bank = model.memory_bank_.detach().cpu()
     channels = [info.channels for info in model.backbone_.feature_info]
-    backbone = model.backbone_.to("cpu")
     side = cfg.crop if cfg.crop is not None else cfg.resize
     example = torch.zeros(2, 3, side, side)
     patches = max(1, (side // 8) ** 2)
-    graph = PatchCoreGraph(backbone, bank, cfg, channels, patches).eval()
+    graph = PatchCoreGraph(model.backbone_, bank, cfg, channels, patches).to("cpu").eval()  # on its own copy
     batch = torch.export.Dim("batch", min=1)
     dims: dict[int, Any] = {0: batch}
     if cfg.keep_aspect and cfg.crop is None:  # every image keeps its own aspect: height and width vary
@@ -137,8 +137,6 @@ def to_onnx(model: PatchCore) -> Any:
         )
     # The optimiser folds constants of up to input_size_limit elements: a small bank would be copied into
     # folded transposes and slices, so only tensors far smaller than any bank are folded.
-    import onnxscript.optimizer
-
     if program is None:
         raise PatchCoreError("export failed: torch.onnx.export returned no program")
     program.model = onnxscript.optimizer.optimize(program.model, input_size_limit=FOLD_ELEMENTS)

@@ -69,9 +69,14 @@ class OnnxDetector(Scorer):
         except Exception as exc:  # ONNX Runtime's own errors: a damaged graph
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PatchCoreError(f"{path}: ONNX Runtime cannot load it ({first}): export the model again") from None
+        try:
+            self.thresholds_ = Thresholds.from_dict(document.get("thresholds"))
+        except PatchCoreError as exc:
+            raise PatchCoreError(
+                f"{path}: invalid thresholds in the metadata ({exc}): export the model again"
+            ) from None
         self.metadata_ = document
         self.config_ = dict(document["config"])
-        self.thresholds_ = Thresholds.from_dict(document.get("thresholds"))
         self.model_sha256_ = document["bank"]["sha256"]
         self.n_train_ = int(document.get("n_train") or 0)
         self.fit_stats_: dict[str, Any] = {}
@@ -119,6 +124,8 @@ class OnnxDetector(Scorer):
 def read_export(path: Path, verify: bool = True) -> dict[str, Any]:
     """The metadata document of an exported ``.onnx`` (with ``verify``, its memory bank checked against the
     SHA-256 it records); a one-line PatchCoreError naming the file when it is not a sound patchcore export."""
+    if path.is_dir():
+        raise PatchCoreError(f"{path}: is a folder: pass the exported .onnx file")
     if not path.is_file():
         raise PatchCoreError(f"{path}: no such model file")
     try:
@@ -130,8 +137,8 @@ def read_export(path: Path, verify: bool = True) -> dict[str, Any]:
         digest = tensor_sha256(buffer, document["bank"]["initializer"], path.parent) if verify else None
     except PatchCoreError as exc:
         raise PatchCoreError(f"{path}: {exc}") from None
-    except (Malformed, KeyError, TypeError) as exc:
-        raise PatchCoreError(f"{path}: malformed export ({exc!r}): export the model again") from None
+    except (Malformed, KeyError, TypeError, ValueError) as exc:
+        raise PatchCoreError(f"{path}: malformed export ({exc}): export the model again") from None
     finally:
         buffer.close()
     if verify and digest != document["bank"]["sha256"]:
@@ -158,6 +165,17 @@ def _document(metadata: dict[str, str]) -> dict[str, Any]:
     spec = document.get("input")
     if not isinstance(spec, dict) or not {"resize", "crop", "keep_aspect", "mean", "std"} <= set(spec):
         raise PatchCoreError("the patchcore metadata lacks the input geometry: export the model again")
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    triple = lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+    if not (
+        whole(spec["resize"])
+        and (spec["crop"] is None or whole(spec["crop"]))
+        and isinstance(spec["keep_aspect"], bool)
+        and triple(spec["mean"])
+        and triple(spec["std"])
+        and isinstance(document.get("config"), dict)
+    ):
+        raise PatchCoreError("the patchcore metadata's input geometry or config is malformed: export the model again")
     bank = document.get("bank")
     if not isinstance(bank, dict) or not {"initializer", "sha256", "rows"} <= set(bank):
         raise PatchCoreError("the patchcore metadata lacks the memory bank's hash: export the model again")

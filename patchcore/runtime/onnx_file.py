@@ -70,7 +70,10 @@ def _span(value: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _entries(buf: mmap.mmap, span: tuple[int, int]) -> tuple[str, str]:
-    parts = {n: bytes(buf[slice(*_span(v))]).decode("utf-8") for n, v in fields(buf, *span) if n in (1, 2)}
+    try:
+        parts = {n: bytes(buf[slice(*_span(v))]).decode("utf-8") for n, v in fields(buf, *span) if n in (1, 2)}
+    except UnicodeDecodeError:
+        raise Malformed("a metadata entry is not UTF-8 text") from None
     return parts.get(ENTRY_KEY, ""), parts.get(ENTRY_VALUE, "")
 
 
@@ -80,42 +83,62 @@ def read_metadata(path: Path) -> tuple[dict[str, str], mmap.mmap]:
         if os.fstat(handle.fileno()).st_size == 0:
             raise Malformed("empty file")
         buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    metadata = dict(_entries(buf, _span(v)) for n, v in fields(buf, 0, len(buf)) if n == MODEL_METADATA)
+    try:
+        metadata = dict(_entries(buf, _span(v)) for n, v in fields(buf, 0, len(buf)) if n == MODEL_METADATA)
+    except Malformed:
+        buf.close()
+        raise
     return metadata, buf
 
 
 def tensor_sha256(buf: mmap.mmap, name: str, folder: Path) -> str:
-    """SHA-256 of the initializer ``name``'s data bytes, inside the file or in its external data file."""
-    for number, graph in fields(buf, 0, len(buf)):
-        if number != MODEL_GRAPH:
+    """SHA-256 of the initializer ``name``'s data bytes, inside the file or in its external data file.
+
+    Protobuf lets a later copy of a field win over an earlier one (and merges repeated messages), so a
+    file could show a reader that takes the first copy other bytes than ONNX Runtime loads: any repeat of
+    the graph, of the initializer or of one of its single fields is refused as malformed.
+    """
+    graphs = [graph for number, graph in fields(buf, 0, len(buf)) if number == MODEL_GRAPH]
+    if len(graphs) != 1:
+        raise Malformed(f"{len(graphs)} graphs")
+    found: list[dict[int, list]] = []
+    for field, tensor in fields(buf, *_span(graphs[0])):
+        if field != GRAPH_INITIALIZER:
             continue
-        for field, tensor in fields(buf, *_span(graph)):
-            if field != GRAPH_INITIALIZER:
-                continue
-            parts: dict[int, list] = {}
-            for n, v in fields(buf, *_span(tensor)):
-                parts.setdefault(n, []).append(v)
-            if bytes(buf[slice(*_span(parts.get(TENSOR_NAME, [(0, 0)])[0]))]).decode("utf-8", "replace") != name:
-                continue
-            if parts.get(TENSOR_LOCATION, [0])[0] == EXTERNAL:
-                return _external_sha256(
-                    dict(_entries(buf, _span(v)) for v in parts.get(TENSOR_EXTERNAL_DATA, [])), folder
-                )
-            data = parts.get(TENSOR_RAW_DATA) or parts.get(TENSOR_FLOAT_DATA) or [(0, 0)]
-            return hashlib.sha256(buf[slice(*_span(data[0]))]).hexdigest()
-    raise PatchCoreError(f"the graph has no initializer {name!r}")
+        parts: dict[int, list] = {}
+        for n, v in fields(buf, *_span(tensor)):
+            parts.setdefault(n, []).append(v)
+        names = parts.get(TENSOR_NAME, [])
+        if len(names) == 1 and bytes(buf[slice(*_span(names[0]))]).decode("utf-8", "replace") == name:
+            found.append(parts)
+    if not found:
+        raise PatchCoreError(f"the graph has no initializer {name!r}")
+    if len(found) > 1:
+        raise Malformed(f"{len(found)} initializers named {name!r}")
+    parts = found[0]
+    single = (TENSOR_NAME, TENSOR_RAW_DATA, TENSOR_LOCATION, TENSOR_FLOAT_DATA)
+    if any(len(parts.get(n, [])) > 1 for n in single) or (TENSOR_RAW_DATA in parts and TENSOR_FLOAT_DATA in parts):
+        raise Malformed(f"initializer {name!r} repeats a field")
+    if parts.get(TENSOR_LOCATION, [0])[0] == EXTERNAL:
+        return _external_sha256(dict(_entries(buf, _span(v)) for v in parts.get(TENSOR_EXTERNAL_DATA, [])), folder)
+    data = parts.get(TENSOR_RAW_DATA) or parts.get(TENSOR_FLOAT_DATA) or [(0, 0)]
+    return hashlib.sha256(buf[slice(*_span(data[0]))]).hexdigest()
 
 
 def _external_sha256(entry: dict[str, str], folder: Path) -> str:
     location = Path(entry.get("location", ""))
     if not entry.get("location") or location.is_absolute() or ".." in location.parts:
         raise PatchCoreError(f"external data location {str(location)!r} must be a file name beside the model")
-    offset, length = int(entry.get("offset", 0)), entry.get("length")
+    try:
+        offset = int(entry.get("offset", 0))
+        length = int(entry["length"]) if "length" in entry else None
+    except ValueError:
+        raise Malformed("external data offset or length is not a number") from None
     digest = hashlib.sha256()
     try:
         with open(folder / location, "rb") as handle:
             handle.seek(offset)
-            remaining = int(length) if length is not None else None
+            remaining = length
             while remaining is None or remaining > 0:
                 block = handle.read(1 << 20 if remaining is None else min(1 << 20, remaining))
                 if not block:

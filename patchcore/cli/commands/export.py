@@ -48,6 +48,13 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and out.resolve() == model.resolve():
         raise PatchCoreError(f"{out}: is the model itself: choose another output file")
     check_model_target(out, recognise_export)
+    # the files written beside it: replaced only as part of an earlier export, which `out` then is
+    sibling = out.with_suffix(".bin") if args.format == "openvino" else out.with_name(out.name + ".data")
+    if sibling.exists() and not out.exists():
+        raise PatchCoreError(
+            f"{sibling}: exists and the export would replace it, but it is no part of an export named {out.name}: "
+            "remove it or choose another name"
+        )
     detector = load(model)
     written = export(detector, out, args.format)
     logger.info("wrote %s", ", ".join(str(path) for path in written))
