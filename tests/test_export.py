@@ -234,7 +234,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(cli_model, rng_images, t
         (["export", tmp_path / "tiles.safetensors", "-o", tmp_path / "x.onnx"], ["tiling"]),
         (["export", model, "-o", tmp_path / "x.txt"], [".onnx"]),
         (["export", model, "-o", tmp_path / "notes.onnx"], ["notes.onnx", "not overwritten"]),
-        (["export", model, "-o", tmp_path / "fresh.xml", "--format", "openvino"], ["fresh.bin", "replace"]),
+        (["export", model, "-o", tmp_path / "fresh.onnx", "--format", "openvino"], ["fresh.bin", "replace"]),
     ]
     for args, words in cases:
         one_line_error(run_cli(*args), *words)

@@ -18,7 +18,11 @@ logger = logging.getLogger("patchcore")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a fitted model file (.safetensors)")
     parser.add_argument(
-        "-o", "--output", required=True, metavar="FILE", help="the export, e.g. model.onnx (openvino: model.xml)"
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="the export, e.g. model.onnx (openvino: model.xml and model.bin; -o model.onnx names those too)",
     )
     parser.add_argument(
         "--format",
@@ -42,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from ...export import export
 
     model, out = Path(args.model), Path(args.output)
+    if args.format == "openvino" and out.suffix.lower() == ".onnx":
+        out = out.with_suffix(".xml")  # `-o model.onnx --format openvino`: the IR model.xml + model.bin beside it
     suffix = ".onnx" if args.format == "onnx" else ".xml"
     if out.suffix.lower() != suffix:
         raise PatchCoreError(f"{out}: name the {args.format} export FILE{suffix}, e.g. -o model{suffix}")
