@@ -41,7 +41,7 @@ class OnnxDetector(Scorer):
     """An exported PatchCore model on ONNX Runtime (CPU). Use :meth:`load`.
 
     Attributes: ``metadata_`` (the export's metadata document), ``config_`` (the model's settings as a
-    dict), ``thresholds_``, ``model_sha256_`` (of the memory bank, checked at load).
+    dict), ``thresholds_``, ``bank_sha256_`` (of the memory bank, checked at load).
     """
 
     def __init__(self, *, batch_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
@@ -77,7 +77,7 @@ class OnnxDetector(Scorer):
             ) from None
         self.metadata_ = document
         self.config_ = dict(document["config"])
-        self.model_sha256_ = document["bank"]["sha256"]
+        self.bank_sha256_ = document["bank"]["sha256"]
         self.n_train_ = int(document.get("n_train") or 0)
         self.fit_stats_: dict[str, Any] = {}
         self.score_scale = document.get("score_scale", "distance")
