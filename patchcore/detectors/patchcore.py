@@ -207,17 +207,7 @@ class PatchCore(Detector):
             feature_shape = feature_shape or (int(train["feature_shape"][0]), int(train["feature_shape"][1]))
         union = torch.cat(banks)
         n_select = min(coreset_size(seen, cfg.coreset_ratio, cfg.coreset_size), union.shape[0])
-        if cfg.coreset_method == "random":
-            chosen = random_coreset(union.shape[0], n_select, seed=cfg.seed)
-        else:
-            with self._bar(n_select, "coreset of the shards") as bar:
-                chosen = greedy_coreset(
-                    union,
-                    n_select,
-                    projection_dim=cfg.projection_dim,
-                    seed=cfg.seed,
-                    progress=lambda n: bar.update(n - bar.n),
-                )
+        chosen = self._select(union, n_select, "coreset of the shards")
         self._use_bank(union[torch.from_numpy(np.asarray(chosen))].contiguous())
         # where each row came from is not carried across shards (each shard names its images relative to its
         # own folder): explain() says "not recorded" for a model fitted in shards
@@ -315,17 +305,7 @@ class PatchCore(Detector):
         feature_seconds = time.perf_counter() - started
         started = time.perf_counter()
         n_select = coreset_size(bank.shape[0], cfg.coreset_ratio, cfg.coreset_size)
-        if cfg.coreset_method == "random":
-            chosen = random_coreset(bank.shape[0], n_select, seed=cfg.seed)
-        else:
-            with self._bar(n_select, "coreset") as bar:
-                chosen = greedy_coreset(
-                    bank,
-                    n_select,
-                    projection_dim=cfg.projection_dim,
-                    seed=cfg.seed,
-                    progress=lambda n: bar.update(n - bar.n),
-                )
+        chosen = self._select(bank, n_select, "coreset")
         coreset = bank[torch.from_numpy(np.asarray(chosen))].contiguous()
         stats = {
             "feature_seconds": feature_seconds,
@@ -367,6 +347,22 @@ class PatchCore(Detector):
             "shard_reductions": int(info["n_reductions"]),
         }
         return torch.from_numpy(rows), feature_shape, stats, np.asarray(info["indices"])
+
+    def _select(self, bank: torch.Tensor, n_select: int, what: str) -> np.ndarray:
+        """Indices of the ``n_select`` rows of ``bank`` (M, D) the configured coreset method keeps."""
+        cfg = self.config
+        if cfg.coreset_method == "random":
+            return np.asarray(random_coreset(bank.shape[0], n_select, seed=cfg.seed))
+        with self._bar(n_select, what) as bar:
+            return np.asarray(
+                greedy_coreset(
+                    bank,
+                    n_select,
+                    projection_dim=cfg.projection_dim,
+                    seed=cfg.seed,
+                    progress=lambda n: bar.update(n - bar.n),
+                )
+            )
 
     def _bar(self, total: int, what: str):
         from tqdm.auto import tqdm
