@@ -60,11 +60,12 @@ def exportable(detector: Detector) -> PatchCore:
     return detector
 
 
-def export_metadata(model: PatchCore, bank_name: str) -> dict[str, Any]:
-    """The document stored under the ONNX metadata key ``patchcore``: everything the runtime needs."""
+def export_metadata(model: PatchCore, bank_name: str, bank_digest: str) -> dict[str, Any]:
+    """The document stored under the ONNX metadata key ``patchcore``: everything the runtime needs
+    (``bank_digest``: :func:`bank_sha256` of the bank, which the graph holds as ``bank_name``)."""
     cfg = model.config
     mean, std = model.normalization_
-    bank = model.memory_bank_.detach().cpu().numpy()
+    rows, dim = model.memory_bank_.shape
     side = cfg.crop if cfg.crop is not None else cfg.resize
     varying = cfg.keep_aspect and cfg.crop is None  # each image keeps its own aspect: no fixed input shape
     return {
@@ -88,9 +89,9 @@ def export_metadata(model: PatchCore, bank_name: str) -> dict[str, Any]:
         "outputs": {"scores": "(N,) image scores", "maps": "(N, H, W) anomaly maps at the input size"},
         "bank": {
             "initializer": bank_name,
-            "rows": int(bank.shape[0]),
-            "dim": int(bank.shape[1]),
-            "sha256": bank_sha256(bank),
+            "rows": int(rows),
+            "dim": int(dim),
+            "sha256": bank_digest,
         },
         "backbone": {
             "name": model.backbone_.name,
@@ -116,7 +117,7 @@ def to_onnx(model: PatchCore) -> Any:
     channels = [info.channels for info in model.backbone_.feature_info]
     side = cfg.crop if cfg.crop is not None else cfg.resize
     example = torch.zeros(2, 3, side, side)
-    patches = max(1, (side // 8) ** 2)
+    patches = max(1, (side // model.backbone_.feature_info[0].stride) ** 2)  # the finest level's grid
     graph = PatchCoreGraph(model.backbone_, bank, cfg, channels, patches).to("cpu").eval()  # on its own copy
     batch = torch.export.Dim("batch", min=1)
     dims: dict[int, Any] = {0: batch}
@@ -146,7 +147,7 @@ def to_onnx(model: PatchCore) -> Any:
     found = [n for n in names if bank_sha256(onnx.numpy_helper.to_array(_initializer(proto, n))) == digest]
     if len(found) != 1:
         raise PatchCoreError(f"export failed: the graph holds {len(found)} copies of the memory bank, expected 1")
-    document = export_metadata(model, found[0])
+    document = export_metadata(model, found[0], digest)
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(document, sort_keys=True)})
     proto.producer_name, proto.producer_version = "patchcore", __version__
     return proto

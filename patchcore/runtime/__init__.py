@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.thresholds import Thresholds
+from ..core.thresholds import Thresholds, is_count, is_number
 from ..detectors.base import Inference, Scorer
 from ..errors import NotFittedError, PatchCoreError
 from ..imaging.decode import DEFAULT_MAX_PIXELS, ImageLike, load_image
@@ -165,11 +165,10 @@ def _document(metadata: dict[str, str]) -> dict[str, Any]:
     spec = document.get("input")
     if not isinstance(spec, dict) or not {"resize", "crop", "keep_aspect", "mean", "std"} <= set(spec):
         raise PatchCoreError("the patchcore metadata lacks the input geometry: export the model again")
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
-    triple = lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+    triple = lambda v: isinstance(v, list) and len(v) == 3 and all(is_number(x) for x in v)
     if not (
-        whole(spec["resize"])
-        and (spec["crop"] is None or whole(spec["crop"]))
+        is_count(spec["resize"], 1)
+        and (spec["crop"] is None or is_count(spec["crop"], 1))
         and isinstance(spec["keep_aspect"], bool)
         and triple(spec["mean"])
         and triple(spec["std"])
