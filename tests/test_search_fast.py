@@ -89,7 +89,7 @@ def test_random_shapes_equal_knn(m, q, d, k, kind, block, chunk, seed):
         queries = np.concatenate([base[rng.integers(0, base.shape[0], q // 2)], rng.standard_normal((q - q // 2, d))])
     else:  # small integers: many exactly tied distances
         bank, queries = rng.integers(-2, 3, (m, d)), rng.integers(-2, 3, (q, d))
-    index = FilteredExactIndex(make(bank), chunk_size=chunk, block_elements=block, use_bf16=True)
+    index = FilteredExactIndex(make(bank), chunk_size=chunk, block_elements=block, use_bf16=True, min_queries=1)
     assert index.filtered
     assert_same_as_knn(index, make(queries), k)
     assert index.stats["queries"] == q
@@ -101,7 +101,7 @@ def test_real_like_clustered_data_uses_the_filter(k):
     centers = np.abs(rng.standard_normal((32, 48))) * 3
     bank = np.maximum(centers[rng.integers(0, 32, 3000)] + rng.standard_normal((3000, 48)), 0)
     queries = np.maximum(centers[rng.integers(0, 32, 500)] + rng.standard_normal((500, 48)), 0)
-    index = FilteredExactIndex(make(bank), block_elements=200_000, use_bf16=True)
+    index = FilteredExactIndex(make(bank), block_elements=200_000, use_bf16=True, min_queries=1)
     assert_same_as_knn(index, make(queries), k)
     assert index.stats["fallback_queries"] == 0
     assert index.stats["candidates"] / index.stats["queries"] < 40 * k  # the filter really shortlists
@@ -115,7 +115,7 @@ def test_large_offsets(offset):
     shift = rng.standard_normal(16) * offset
     bank = shift + rng.standard_normal((700, 16))
     queries = shift + rng.standard_normal((90, 16))
-    index = FilteredExactIndex(make(bank), use_bf16=True)
+    index = FilteredExactIndex(make(bank), use_bf16=True, min_queries=1)
     assert_same_as_knn(index, make(queries), 3)
 
 
@@ -123,7 +123,7 @@ def test_queries_equal_to_bank_rows_and_exact_ties():
     rng = np.random.default_rng(2)
     bank = rng.standard_normal((200, 10)).astype(np.float32)
     bank[100:] = bank[:100]  # every row twice
-    index = FilteredExactIndex(make(bank), use_bf16=True)
+    index = FilteredExactIndex(make(bank), use_bf16=True, min_queries=1)
     queries = make(bank[:50])
     dists, idx = index.search(queries, 2)
     assert bool((dists == 0).all())  # both copies at distance 0 (clamped like knn)
@@ -141,7 +141,7 @@ def test_fallback_path_for_equidistant_bank():
     radii = 10.0 * (1.0 + 1e-4 * rng.random(2000))
     bank = directions * radii[:, None]
     queries = 1e-3 * rng.standard_normal((40, d))  # near the centre: all rows about equally far
-    index = FilteredExactIndex(make(bank), max_candidates=64, use_bf16=True)
+    index = FilteredExactIndex(make(bank), max_candidates=64, use_bf16=True, min_queries=1)
     assert_same_as_knn(index, make(queries), 2)
     assert index.stats["fallback_queries"] == 40
 
@@ -153,7 +153,7 @@ def test_mixed_fallback_and_filtered_rows_in_one_block():
     far = bank[:30] * 1.02 + 1e-3 * rng.standard_normal((30, 8))  # clear nearest row: filtered
     centre = 1e-4 * rng.standard_normal((30, 8))  # all rows nearly tied: fallback
     queries = make(np.concatenate([far, centre])[rng.permutation(60)])
-    index = FilteredExactIndex(make(bank), max_candidates=32, use_bf16=True)
+    index = FilteredExactIndex(make(bank), max_candidates=32, use_bf16=True, min_queries=1)
     assert_same_as_knn(index, queries, 1)
     assert 0 < index.stats["fallback_queries"] < 60
 
@@ -163,7 +163,7 @@ def test_non_finite_queries_follow_knn():
     bank = make(rng.standard_normal((100, 6)))
     queries = make(rng.standard_normal((5, 6)))
     queries[2, 1] = float("inf")
-    index = FilteredExactIndex(bank, use_bf16=True)
+    index = FilteredExactIndex(bank, use_bf16=True, min_queries=1)
     dists, idx = index.search(queries, 1)
     exact_d, exact_i = knn(queries, bank, 1)
     finite = torch.tensor([True, True, False, True, True])
@@ -178,7 +178,7 @@ def test_the_bound_is_needed(monkeypatch):
     rng = np.random.default_rng(6)
     bank = make(rng.standard_normal((3000, 4)))  # low dimension: many near ties at bf16 resolution
     queries = make(rng.standard_normal((500, 4)))
-    index = FilteredExactIndex(bank, max_candidates=10**6, use_bf16=True)
+    index = FilteredExactIndex(bank, max_candidates=10**6, use_bf16=True, min_queries=1)
     assert_same_as_knn(index, queries, 3)  # the real bound: correct
     zero = lambda nx, nq: (torch.zeros_like(nx, dtype=torch.float64), torch.zeros_like(nx, dtype=torch.float64))
     monkeypatch.setattr(index, "_bound_terms", zero)
@@ -192,7 +192,7 @@ def test_bound_holds_for_every_pair():
     rng = np.random.default_rng(7)
     bank = make(rng.standard_normal((500, 40)) * rng.lognormal(0, 2, (500, 1)) + 50.0)
     queries = make(rng.standard_normal((100, 40)) * 3 + 50.0)
-    index = FilteredExactIndex(bank, use_bf16=True)
+    index = FilteredExactIndex(bank, use_bf16=True, min_queries=1)
     approx, g, _ = index._approx(queries)
     assert approx.shape[1] % SLICES == 0
     assert bool(torch.isinf(approx[:, bank.shape[0] :]).all())  # padding rows never compete
@@ -205,7 +205,7 @@ def test_bound_holds_for_every_pair():
 def test_unsupported_inputs_go_to_knn():
     rng = np.random.default_rng(8)
     bank = torch.from_numpy(rng.standard_normal((50, 4)))  # float64
-    index = FilteredExactIndex(bank, use_bf16=True)
+    index = FilteredExactIndex(bank, use_bf16=True, min_queries=1)
     assert not index.filtered
     d, i = index.search(bank[:3], 1)
     assert d.dtype == torch.float64 and torch.equal(i[:, 0], torch.arange(3))
