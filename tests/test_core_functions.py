@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from patchcore.core.features import local_average, patch_features, pool_channels
 from patchcore.core.knn import knn
 from patchcore.core.maps import anomaly_maps, gaussian_blur
-from patchcore.core.scoring import image_score, patch_scores, reweighting_factor
+from patchcore.core.scoring import image_score, image_scores, patch_scores, reweighting_factor
 from patchcore.search import ExactIndex
 
 
@@ -127,3 +127,32 @@ def test_image_top_k_averages_the_largest_patch_scores():
     three = image_score(paper_scores, paper_nearest, patches, index, "paper", top_k=3)
     ratio = paper_scores.sort(descending=True).values[:3].mean() / paper_scores.max()
     torch.testing.assert_close(three, one * ratio)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_images=st.integers(1, 5),
+    mode=st.sampled_from(["paper", "official", "mean-top-k"]),
+    top_k=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_batched_image_scores_equal_one_image_at_a_time(n_images, mode, top_k, seed):
+    rng = np.random.default_rng(seed)
+    bank = torch.from_numpy(rng.standard_normal((40, 6)).astype(np.float32))
+    index = ExactIndex(bank)
+    patches = torch.from_numpy(rng.standard_normal((n_images, 12, 6)).astype(np.float32))
+    scores, nearest = patch_scores(patches.reshape(-1, 6), index, mode)
+    scores, nearest = scores.view(n_images, 12), nearest.view(n_images, 12)
+    batched = image_scores(scores, nearest, patches, index, mode, 9, top_k)
+    one_by_one = [float(image_score(scores[i], nearest[i], patches[i], index, mode, 9, top_k)) for i in range(n_images)]
+    assert batched.tolist() == pytest.approx(one_by_one, rel=1e-6)
+
+
+def test_smoothing_operator_is_upsampling_then_blurring():
+    grid = torch.from_numpy(np.random.default_rng(3).random((2, 6, 9)).astype(np.float32))
+    for size, sigma in (((40, 57), 4.0), ((24, 24), 0.0), ((13, 90), 1.5)):
+        reference = gaussian_blur(
+            torch.nn.functional.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0],
+            sigma,
+        )
+        torch.testing.assert_close(anomaly_maps(grid, size, sigma), reference, atol=1e-5, rtol=1e-5)

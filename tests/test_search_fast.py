@@ -226,3 +226,16 @@ def test_default_exact_backend_is_the_filtered_search_with_the_fp32_answers():
     d2, i2 = plain.search(queries, 2)
     assert torch.equal(i1, i2)
     torch.testing.assert_close(d1, d2, rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_queries_go_to_the_plain_product():
+    """Eq. 7's support search asks for one query at a time: the filter's fixed costs would dominate."""
+    rng = np.random.default_rng(5)
+    bank, queries = make(rng.standard_normal((300, 16))), make(rng.standard_normal((40, 16)))
+    index = FilteredExactIndex(bank, use_bf16=True, min_queries=8)
+    few_d, few_i = index.search(queries[:7], 3)
+    assert index.stats["queries"] == 0  # not filtered
+    exact_d, exact_i = knn(queries[:7], bank, 3)
+    assert torch.equal(few_i, exact_i) and torch.equal(few_d, exact_d)
+    index.search(queries[:8], 3)
+    assert index.stats["queries"] == 8

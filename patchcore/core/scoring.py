@@ -46,20 +46,61 @@ def patch_scores(patches: torch.Tensor, index: Index, mode: str, k: int = 1) -> 
     return dists[:, 0].sqrt(), idx[:, 0]
 
 
-def reweighting_factor(test_patch: torch.Tensor, nearest: int, index: Index, num_neighbors: int) -> torch.Tensor:
-    """Eq. 7's factor for the most anomalous patch (D,) whose nearest bank row is ``nearest``.
+def reweighting_factors(
+    test_patches: torch.Tensor, nearest: torch.Tensor, index: Index, num_neighbors: int
+) -> torch.Tensor:
+    """Eq. 7's factor for B most anomalous patches (B, D) whose nearest bank rows are ``nearest`` (B,) -> (B,).
 
     N_b(m*) are the b nearest bank rows of m* (m* itself first); the factor is
-    1 - softmax(|m_test* - m| over N_b)[m*], which lies in [1 - 1/b, 1].
+    1 - softmax(|m_test* - m| over N_b)[m*], which lies in [1 - 1/b, 1]. The B supports are found in one
+    search, not one search per image.
     """
     bank = index.bank
     b = min(num_neighbors, bank.shape[0])
-    _, support = index.search(bank[nearest][None], b)
+    _, found = index.search(bank[nearest], b)
     # m* is its own nearest neighbour, but ties with duplicate rows may order it elsewhere: put it first.
-    support = support[0]
-    support = torch.cat([support.new_tensor([nearest]), support[support != nearest]])[:b]
-    distances = torch.linalg.vector_norm(bank[support] - test_patch[None], dim=1)
-    return 1.0 - torch.softmax(distances, dim=0)[0]
+    support = torch.stack(
+        [torch.cat([row.new_tensor([m]), row[row != m]])[:b] for row, m in zip(found, nearest.tolist())]
+    )
+    distances = torch.linalg.vector_norm(bank[support] - test_patches[:, None], dim=2)
+    return 1.0 - torch.softmax(distances, dim=1)[:, 0]
+
+
+def reweighting_factor(test_patch: torch.Tensor, nearest: int, index: Index, num_neighbors: int) -> torch.Tensor:
+    """Eq. 7's factor for one most anomalous patch (D,): :func:`reweighting_factors` of one image."""
+    return reweighting_factors(test_patch[None], torch.tensor([nearest]), index, num_neighbors)[0]
+
+
+def image_scores(
+    scores: torch.Tensor,
+    nearest: torch.Tensor,
+    patches: torch.Tensor,
+    index: Index,
+    mode: str,
+    num_neighbors: int = 9,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """B images' (B, P) patch scores, (B, P) nearest bank rows and (B, P, D) patches -> (B,) image scores.
+
+    The mean of the ``top_k`` largest patch scores (None: the mode's default; 1 is the max), multiplied by
+    eq. 7's factor of the most anomalous patch in the modes that reweight.
+    """
+    if scores.ndim != 2 or nearest.shape != scores.shape or patches.shape[:2] != scores.shape:
+        raise ValueError(
+            f"image_scores needs (B, P) scores and nearest and (B, P, D) patches; got {tuple(scores.shape)}, "
+            f"{tuple(nearest.shape)} and {tuple(patches.shape)}"
+        )
+    rule = scoring_rule(mode)
+    top_k = rule.default_top_k if top_k is None else top_k
+    top = torch.argmax(scores, dim=1)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    if top_k == 1:
+        aggregate = scores[rows, top]
+    else:
+        aggregate = scores.topk(min(top_k, scores.shape[1]), dim=1).values.mean(dim=1)
+    if not rule.reweight:
+        return aggregate
+    return aggregate * reweighting_factors(patches[rows, top], nearest[rows, top], index, num_neighbors)
 
 
 def image_score(
@@ -71,18 +112,8 @@ def image_score(
     num_neighbors: int = 9,
     top_k: int | None = None,
 ) -> torch.Tensor:
-    """One image's (P,) patch scores -> scalar image score.
-
-    The mean of the ``top_k`` largest patch scores (None: the mode's default; 1 is the max), multiplied by
-    eq. 7's factor of the most anomalous patch in the modes that reweight.
-    """
-    rule = scoring_rule(mode)
-    top_k = rule.default_top_k if top_k is None else top_k
-    top = int(torch.argmax(scores))
-    aggregate = scores[top] if top_k == 1 else scores.topk(min(top_k, scores.numel())).values.mean()
-    if not rule.reweight:
-        return aggregate
-    return aggregate * reweighting_factor(patches[top], int(nearest[top]), index, num_neighbors)
+    """One image's (P,) patch scores -> scalar image score: :func:`image_scores` of a batch of one."""
+    return image_scores(scores[None], nearest[None], patches[None], index, mode, num_neighbors, top_k)[0]
 
 
 __all__ = [
@@ -92,7 +123,9 @@ __all__ = [
     "Index",
     "ScoringRule",
     "image_score",
+    "image_scores",
     "patch_scores",
     "reweighting_factor",
+    "reweighting_factors",
     "scoring_rule",
 ]

@@ -28,7 +28,7 @@ from ..core.coreset import (
 )
 from ..core.features import patch_features
 from ..core.maps import anomaly_maps
-from ..core.scoring import image_score, patch_scores
+from ..core.scoring import image_scores, patch_scores
 from ..core.thresholds import is_count, split_calibration
 from ..errors import PatchCoreError
 from ..imaging import (
@@ -517,12 +517,11 @@ class PatchCore(Detector):
                     flat.view(batch, h * w, dim),
                 )
                 input_maps = anomaly_maps(scores.view(batch, h, w), shape, cfg.sigma).cpu().numpy() if maps else None
+                batch_scores = image_scores(
+                    scores, nearest, flat, index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k
+                ).tolist()
                 for i, (geometry, last) in enumerate(owners):
-                    score = float(
-                        image_score(
-                            scores[i], nearest[i], flat[i], index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k
-                        )
-                    )
+                    score = batch_scores[i]
                     amap = input_maps[i] if input_maps is not None else None
                     if not isinstance(geometry, TiledGeometry):
                         yield Inference(score, amap, geometry)
