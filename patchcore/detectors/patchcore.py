@@ -26,6 +26,7 @@ from ..core.coreset import (
     random_coreset,
     rows_for_memory,
 )
+from ..core.coreset_torch import greedy_coreset_torch
 from ..core.features import patch_features
 from ..core.scoring import image_score, patch_scores
 from ..core.thresholds import is_count, split_calibration
@@ -294,10 +295,11 @@ class PatchCore(Detector):
             rows = batch.rows
             if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
                 feature_shape = batch.grids[0]
-                bank = torch.empty(n_images * rows.shape[0] // len(batch), rows.shape[1])
+                bank = torch.empty(n_images * rows.shape[0] // len(batch), rows.shape[1], device=rows.device)
             if filled + rows.shape[0] > bank.shape[0]:  # tiles or non-square inputs: more rows than one per image
-                bank = torch.cat([bank[:filled], torch.empty(max(filled, rows.shape[0]), bank.shape[1])])
-            bank[filled : filled + rows.shape[0]] = rows.cpu()
+                more = torch.empty(max(filled, rows.shape[0]), bank.shape[1], device=bank.device)
+                bank = torch.cat([bank[:filled], more])
+            bank[filled : filled + rows.shape[0]] = rows  # on the device the features are on (a GPU's bank stays)
             filled += rows.shape[0]
         if bank is None:
             raise PatchCoreError("no patch features were extracted: fit needs at least one good image")
@@ -353,9 +355,11 @@ class PatchCore(Detector):
         cfg = self.config
         if cfg.coreset_method == "random":
             return np.asarray(random_coreset(bank.shape[0], n_select, seed=cfg.seed))
+        # on a GPU the plain loop in torch, where the bank already is; on a CPU the numpy greedy with bounds
+        greedy = greedy_coreset if bank.device.type == "cpu" else greedy_coreset_torch
         with self._bar(n_select, what) as bar:
             return np.asarray(
-                greedy_coreset(
+                greedy(
                     bank,
                     n_select,
                     projection_dim=cfg.projection_dim,
@@ -378,6 +382,12 @@ class PatchCore(Detector):
         if self.search not in SEARCH_BACKENDS:
             raise PatchCoreError(f"search={self.search!r} is not one of {', '.join(SEARCH_BACKENDS)}")
         self.memory_bank_ = bank.to(self.device, torch.float32)
+        if self.search.startswith("faiss") and self.memory_bank_.device.type != "cpu":
+            logger.warning(
+                "search=%s is a CPU index: the search runs on the CPU, not on %s; use search='exact' to search on it",
+                self.search,
+                self.device,
+            )
         self._index = build_index(self.memory_bank_, self.search, self.chunk_size, self.config.seed)
 
     # ------------------------------------------------------------------ features
