@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import PatchCoreError
+from .cpu_memory import keep_freed_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ class Backbone(nn.Module):
         freshly page-faulted on every call), and its peak memory grows with the batch. The slices give the
         same maps up to float rounding (conv kernels may differ with the batch size).
         """
+        if x.device.type == "cpu":
+            keep_freed_blocks()  # large inputs' activations would be page-faulted afresh at every layer
         step = max(1, CPU_PIXELS_PER_SLICE // (x.shape[-2] * x.shape[-1])) if x.device.type == "cpu" else len(x)
         with fp32_convolutions(x.device):
             if len(x) <= step:
