@@ -15,12 +15,15 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import PatchCoreError
 from ..imaging import Geometry, TiledGeometry, read_image_file
+
+if TYPE_CHECKING:
+    from .feature_batches import FeatureBatch
 
 #: The columns of a ``bank_source`` row: training image index, tile index (0 without tiles), feature-grid row
 #: and column, and the box the cell covers on the original training image (top, left, bottom, right; pixels).
@@ -69,16 +72,15 @@ class SourceLog:
         self.image = first_image
         self.tile = 0
 
-    def watch(self, batches: Iterator[tuple[Any, list]]) -> Iterator[tuple[Any, list]]:
-        """Pass ``(features (B, h, w, D), owners)`` batches through, recording each input."""
-        for feats, owners in batches:
-            h, w = int(feats.shape[1]), int(feats.shape[2])
-            for geometry, last in owners:
+    def watch(self, batches: Iterator[FeatureBatch]) -> Iterator[FeatureBatch]:
+        """Pass feature batches through, recording each input (its rows follow the previous input's)."""
+        for batch in batches:
+            for (h, w), (geometry, last) in zip(batch.grids, batch.owners):
                 self.starts.append(self.rows)
                 self.inputs.append((self.image, self.tile, h, w, geometry))
                 self.rows += h * w
                 self.image, self.tile = (self.image + 1, 0) if last else (self.image, self.tile + 1)
-            yield feats, owners
+            yield batch
 
     def sources(self, positions: Any) -> np.ndarray:
         """(K, 8) int32 ``bank_source`` rows of the rows at these stream positions."""

@@ -26,8 +26,8 @@ from ..core.coreset import (
     random_coreset,
     rows_for_memory,
 )
+from ..core.coreset_torch import greedy_coreset_torch
 from ..core.features import patch_features
-from ..core.maps import anomaly_maps
 from ..core.scoring import image_scores, patch_scores
 from ..core.thresholds import is_count, split_calibration
 from ..errors import PatchCoreError
@@ -59,6 +59,7 @@ from .explain import (
     nearest_patch,
     train_paths,
 )
+from .feature_batches import FeatureBatch, batch_image_scores, batch_maps, extract_batch, take_batches
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class PatchCore(Detector):
         started = time.perf_counter()
         log = SourceLog(first_image=len(self.train_paths_))
         batches = log.watch(self._features(images, self.backbone_, "extracting features"))
-        new = torch.cat([f.reshape(-1, f.shape[-1]).cpu() for f, _ in batches])
+        new = torch.cat([batch.rows.cpu() for batch in batches])
         feature_seconds = time.perf_counter() - started
         seen = int(self.fit_stats_.get("full_bank_size") or self.memory_bank_.shape[0]) + new.shape[0]
         target = coreset_size(seen, cfg.coreset_ratio, cfg.coreset_size)
@@ -290,14 +291,15 @@ class PatchCore(Detector):
         started = time.perf_counter()
         bank: torch.Tensor | None = None
         filled = 0
-        for feats, _ in batches:
-            rows = feats.reshape(-1, feats.shape[-1])
+        for batch in batches:
+            rows = batch.rows
             if bank is None:  # one preallocated bank: no list of batches plus a concatenated copy
-                feature_shape = (int(feats.shape[1]), int(feats.shape[2]))
-                bank = torch.empty(n_images * rows.shape[0] // feats.shape[0], rows.shape[1])
+                feature_shape = batch.grids[0]
+                bank = torch.empty(n_images * rows.shape[0] // len(batch), rows.shape[1], device=rows.device)
             if filled + rows.shape[0] > bank.shape[0]:  # tiles or non-square inputs: more rows than one per image
-                bank = torch.cat([bank[:filled], torch.empty(max(filled, rows.shape[0]), bank.shape[1])])
-            bank[filled : filled + rows.shape[0]] = rows.cpu()
+                more = torch.empty(max(filled, rows.shape[0]), bank.shape[1], device=bank.device)
+                bank = torch.cat([bank[:filled], more])
+            bank[filled : filled + rows.shape[0]] = rows  # on the device the features are on (a GPU's bank stays)
             filled += rows.shape[0]
         if bank is None:
             raise PatchCoreError("no patch features were extracted: fit needs at least one good image")
@@ -323,10 +325,10 @@ class PatchCore(Detector):
             raise PatchCoreError("max_bank_memory needs coreset_method='greedy'")
         stream: StreamingCoreset | None = None
         started = time.perf_counter()
-        for feats, _ in batches:
-            rows = feats.reshape(-1, feats.shape[-1]).cpu()
+        for batch in batches:
+            rows = batch.rows.cpu()
             if stream is None:
-                feature_shape = (int(feats.shape[1]), int(feats.shape[2]))
+                feature_shape = batch.grids[0]
                 max_rows = max(2, rows_for_memory(cfg.max_bank_memory * 2**20 // 8, rows.shape[1]))
                 stream = StreamingCoreset(rows.shape[1], max_rows, projection_dim=cfg.projection_dim, seed=cfg.seed)
             stream.add(rows.numpy())
@@ -353,9 +355,11 @@ class PatchCore(Detector):
         cfg = self.config
         if cfg.coreset_method == "random":
             return np.asarray(random_coreset(bank.shape[0], n_select, seed=cfg.seed))
+        # on a GPU the plain loop in torch, where the bank already is; on a CPU the numpy greedy with bounds
+        greedy = greedy_coreset if bank.device.type == "cpu" else greedy_coreset_torch
         with self._bar(n_select, what) as bar:
             return np.asarray(
-                greedy_coreset(
+                greedy(
                     bank,
                     n_select,
                     projection_dim=cfg.projection_dim,
@@ -378,6 +382,12 @@ class PatchCore(Detector):
         if self.search not in SEARCH_BACKENDS:
             raise PatchCoreError(f"search={self.search!r} is not one of {', '.join(SEARCH_BACKENDS)}")
         self.memory_bank_ = bank.to(self.device, torch.float32)
+        if self.search.startswith("faiss") and self.memory_bank_.device.type != "cpu":
+            logger.warning(
+                "search=%s is a CPU index: the search runs on the CPU, not on %s; use search='exact' to search on it",
+                self.search,
+                self.device,
+            )
         self._index = build_index(self.memory_bank_, self.search, self.chunk_size, self.config.seed)
 
     # ------------------------------------------------------------------ features
@@ -446,12 +456,11 @@ class PatchCore(Detector):
                 size,
             )
 
-    def _features(
-        self, images: Sequence[ImageLike], backbone: Backbone, what: str
-    ) -> Iterator[tuple[torch.Tensor, list[tuple[Geometry | TiledGeometry, bool]]]]:
-        """Batches of (B, h, w, D) patch features with each input's (image geometry, last input of its image).
+    def _features(self, images: Sequence[ImageLike], backbone: Backbone, what: str) -> Iterator[FeatureBatch]:
+        """Batches of patch features of the model inputs, in order (see :mod:`.feature_batches`).
 
-        A batch holds up to batch_size consecutive inputs of one shape (tiles of several images may share one).
+        A batch holds up to batch_size consecutive inputs of any shapes, and at most the pixels of batch_size
+        square inputs; the backbone runs once per shape in it, and its rows are one (P, D) block.
         """
         from tqdm.auto import tqdm
 
@@ -460,33 +469,35 @@ class PatchCore(Detector):
         batch_size = self.resolved_batch_size()
         bar = tqdm(total=len(images), desc=what, unit="img", disable=None if self.progress else True, leave=False)
 
-        def run(tensors: list[torch.Tensor]) -> torch.Tensor:
+        def extract(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                maps = backbone(torch.stack(tensors).to(self.device))
-                return patch_features(maps, cfg.patch_size, cfg.target_dim)
+                return patch_features(backbone(x.to(self.device)), cfg.patch_size, cfg.target_dim)
 
+        def pixels(item: tuple[torch.Tensor, Geometry | TiledGeometry, bool]) -> int:
+            return int(item[0].shape[-2] * item[0].shape[-1])
+
+        inputs = self._inputs(images, mean, std)
         try:
-            tensors: list[torch.Tensor] = []
-            owners: list[tuple[Geometry | TiledGeometry, bool]] = []
-            for x, geometry, last in self._inputs(images, mean, std):
-                if tensors and (len(tensors) == batch_size or x.shape != tensors[0].shape):
-                    feats = run(tensors)
-                    bar.update(sum(done for _, done in owners))
-                    yield feats, owners
-                    tensors, owners = [], []
-                tensors.append(x)
-                owners.append((geometry, last))
-            if tensors:
-                feats = run(tensors)
-                bar.update(sum(done for _, done in owners))
-                yield feats, owners
+            for chunk in take_batches(inputs, pixels, batch_size, batch_size * cfg.input_size**2):
+                batch = extract_batch([x for x, _, _ in chunk], [(g, last) for _, g, last in chunk], extract)
+                bar.update(sum(last for _, _, last in chunk))
+                yield batch
         finally:
             bar.close()
 
     def extract_features(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Patch features of images: (N, h, w, D) float32 (what the bank is made of)."""
+        """Patch features of images: (N, h, w, D) float32 (what the bank is made of); inputs of one shape."""
         self._check_fitted()
-        return np.concatenate([f.cpu().numpy() for f, _ in self._features(list(images), self.backbone_, "features")])
+        grids = []
+        for batch in self._features(list(images), self.backbone_, "features"):
+            rows = batch.rows.cpu()
+            grids += [r.view(h, w, -1) for r, (h, w) in zip(batch.split(rows), batch.grids)]
+        if len({g.shape for g in grids}) > 1:
+            raise PatchCoreError(
+                "these inputs give feature grids of different sizes (keep_aspect without crop, or tiles): "
+                "extract the features of one image at a time"
+            )
+        return torch.stack(grids).numpy() if grids else np.empty((0, 0, 0, 0), np.float32)
 
     # ------------------------------------------------------------------ inference
     def _check_fitted(self) -> None:
@@ -504,23 +515,18 @@ class PatchCore(Detector):
         index = self._index
         tile_scores: list[float] = []
         tile_maps: list[np.ndarray] = []
-        for feats, owners in self._features(list(images), self.backbone_, "scoring"):
-            batch, h, w, dim = feats.shape
-            flat = feats.reshape(-1, dim)
-            first, _ = owners[0]
-            shape = first.tiles[len(tile_scores)].input_shape if isinstance(first, TiledGeometry) else first.input_shape
+        for batch in self._features(list(images), self.backbone_, "scoring"):
             with torch.inference_mode():
-                scores, nearest = patch_scores(flat, index, cfg.scoring, cfg.k)
-                scores, nearest, flat = (
-                    scores.view(batch, h * w),
-                    nearest.view(batch, h * w),
-                    flat.view(batch, h * w, dim),
+                # one search for every patch of every input in the batch, whatever their shapes
+                scores, nearest = patch_scores(batch.rows, index, cfg.scoring, cfg.k)
+                input_maps = batch_maps(scores, batch, cfg.sigma) if maps else None
+                batch_scores = batch_image_scores(
+                    scores,
+                    nearest,
+                    batch,
+                    lambda s, n, f: image_scores(s, n, f, index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k),
                 )
-                input_maps = anomaly_maps(scores.view(batch, h, w), shape, cfg.sigma).cpu().numpy() if maps else None
-                batch_scores = image_scores(
-                    scores, nearest, flat, index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k
-                ).tolist()
-                for i, (geometry, last) in enumerate(owners):
+                for i, (geometry, last) in enumerate(batch.owners):
                     score = batch_scores[i]
                     amap = input_maps[i] if input_maps is not None else None
                     if not isinstance(geometry, TiledGeometry):
@@ -649,15 +655,14 @@ class PatchCore(Detector):
         pixels = load_image(image, self.max_pixels)
         best: tuple[float, int, int, int, int, int, Any, int] | None = None
         tile = 0
-        for feats, owners in self._features([pixels], self.backbone_, "explaining"):
-            batch, h, w, dim = feats.shape
+        for batch in self._features([pixels], self.backbone_, "explaining"):
             with torch.inference_mode():
-                scores, nearest = patch_scores(feats.reshape(-1, dim), self._index, cfg.scoring, cfg.k)
-            scores, nearest = scores.view(batch, h * w).cpu(), nearest.view(batch, h * w).cpu()
-            for i, (geometry, _) in enumerate(owners):
-                j = int(torch.argmax(scores[i]))
-                if best is None or float(scores[i, j]) > best[0]:
-                    best = (float(scores[i, j]), tile, j // w, j % w, h, w, geometry, int(nearest[i, j]))
+                all_scores, all_nearest = patch_scores(batch.rows, self._index, cfg.scoring, cfg.k)
+            parts = zip(batch.split(all_scores.cpu()), batch.split(all_nearest.cpu()), batch.grids, batch.owners)
+            for scores, nearest, (h, w), (geometry, _) in parts:
+                j = int(torch.argmax(scores))
+                if best is None or float(scores[j]) > best[0]:
+                    best = (float(scores[j]), tile, j // w, j % w, h, w, geometry, int(nearest[j]))
                 tile += 1
         assert best is not None
         patch_score, tile, row, col, h, w, geometry, bank_row = best
