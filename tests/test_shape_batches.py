@@ -112,8 +112,11 @@ def test_a_batch_of_mixed_shapes_is_searched_in_one_call(images):
     counting = model._index = CountingIndex(model._index)
     model.score_samples(test)
     patches = sum(h * w for h, w, _ in (model.extract_features([image])[0].shape for image in test))
-    # one call for every patch of the batch, then eq. 7's one-row searches (one per image)
-    assert counting.calls[0] == patches and counting.calls[1:] == [1] * len(test)
+    # one call for every patch of the batch, then eq. 7's support searches: one row per image, one call per
+    # group of images sharing a feature grid
+    grids = {model.extract_features([image])[0].shape[:2] for image in test}
+    assert counting.calls[0] == patches and sum(counting.calls[1:]) == len(test)
+    assert len(counting.calls[1:]) == len(grids)
 
 
 def test_the_pixel_budget_splits_batches_of_large_inputs(images):
