@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .core.scoring_modes import DEFAULT_SCORING, SCORING_MODES, scoring_rule
+from .core.two_level import EXACT_ROWS
 from .errors import PatchCoreError
 
 CORESET_METHODS = ("greedy", "random")
@@ -44,7 +45,11 @@ class PatchCoreConfig:
         the stack to that many dimensions by adaptive average pooling, like the official code (1024).
     coreset_method, coreset_ratio, coreset_size, projection_dim: memory-bank subsampling; an absolute
         coreset_size wins over coreset_ratio.
-    max_bank_memory: MiB allowed for the patch-feature bank during fit; None holds every feature at once.
+    exact_coreset_rows: the greedy coreset is exact (the whole bank at once) for banks of up to this many patch
+        features; a larger bank is reduced as it streams in by a two-level greedy (shards of 4096 rows, each to
+        twice its share of the coreset, then the exact greedy over their union: time linear in the training set,
+        memory flat; ``patchcore.core.two_level``). None: always the exact greedy, every feature in memory at once.
+    max_bank_memory: MiB allowed for the patch-feature bank during fit; None: see exact_coreset_rows.
         When set, the bank is reduced by greedy coresets in shards as it grows, then once more over the
         union, so training sets far larger than memory fit (at a small, measured coverage cost).
     scoring: a mode of ``patchcore.core.scoring_modes.SCORING_RULES``: "mean-top-k" (the default: L2 distance,
@@ -79,6 +84,7 @@ class PatchCoreConfig:
     coreset_ratio: float = 0.01
     coreset_size: int | None = None
     projection_dim: int = 128
+    exact_coreset_rows: int | None = EXACT_ROWS
     max_bank_memory: int | None = None
     scoring: str = DEFAULT_SCORING
     num_neighbors: int = 9
@@ -118,6 +124,10 @@ class PatchCoreConfig:
             raise PatchCoreError(f"coreset_ratio={self.coreset_ratio} must lie in (0, 1], e.g. 0.1 for 10%")
         if self.coreset_size is not None and self.coreset_size < 1:
             raise PatchCoreError("coreset_size must be at least 1")
+        if self.exact_coreset_rows is not None and self.exact_coreset_rows < 0:
+            raise PatchCoreError(
+                f"exact_coreset_rows={self.exact_coreset_rows} must be at least 0 (patch features), or none"
+            )
         if self.max_bank_memory is not None and self.max_bank_memory < 1:
             raise PatchCoreError("max_bank_memory is in MiB and must be at least 1")
         if self.projection_dim < 1:
@@ -188,6 +198,7 @@ _LIMITS: dict[str, tuple[str, float | None]] = {
     "coreset_ratio": ("float", None),
     "coreset_size": ("int", 2**31 - 1),
     "projection_dim": ("int", 4096),
+    "exact_coreset_rows": ("int", 2**40),
     "max_bank_memory": ("int", 2**24),
     "scoring": ("str", None),
     "num_neighbors": ("int", 1024),
@@ -208,7 +219,7 @@ def _check_types(config: PatchCoreConfig) -> None:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         kind, high = _LIMITS[field.name]
-        if value is None and field.default is None:
+        if value is None and "None" in str(field.type):  # the field may be None (its type says so)
             continue
         if kind == "layers":
             if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:

@@ -215,6 +215,48 @@ def test_bounded_memory_without_reduction_equals_the_in_memory_fit(rng_images):
     assert torch.equal(a.memory_bank_, b.memory_bank_)
 
 
+def test_a_bank_within_exact_coreset_rows_is_the_exact_greedy(rng_images):
+    exact = PatchCore(**SMALL, exact_coreset_rows=None).fit(rng_images)
+    default = PatchCore(**SMALL).fit(rng_images)  # 294 rows, far below the default exact_coreset_rows
+    at_the_limit = PatchCore(**SMALL, exact_coreset_rows=6 * 49).fit(rng_images)
+    for model in (default, at_the_limit):
+        assert model.fit_stats_["coreset_shards"] == 0
+        assert torch.equal(model.memory_bank_, exact.memory_bank_)
+        np.testing.assert_array_equal(model.bank_source_, exact.bank_source_)
+
+
+def test_a_larger_bank_is_reduced_in_shards_as_it_streams(rng_images):
+    # 12 images x 49 rows = 588 > 100 rows: the two-level greedy, in shards of 64 rows (4096 would hold it all)
+    from patchcore.core import two_level
+
+    images = rng_images * 2
+    full = PatchCore(**SMALL).fit(images)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(two_level, "SHARD_ROWS", 64)
+        model = PatchCore(**SMALL, exact_coreset_rows=100).fit(images)
+    stats = model.fit_stats_
+    assert stats["coreset_shards"] == 588 // 64 and stats["full_bank_size"] == 588
+    assert stats["coreset_union_size"] == 9 * 32 + 588 % 64  # each shard keeps ceil(2 x 25% x 64) rows
+    assert model.memory_bank_.shape == full.memory_bank_.shape == (147, 120)
+    assert stats["coreset_seconds"] > 0 and stats["feature_seconds"] > 0
+    bank = full.extract_features(images).reshape(-1, 120)
+    image, row, col = (model.bank_source_[:, i] for i in (0, 2, 3))  # image, tile, row, col, box
+    np.testing.assert_array_equal(model.memory_bank_.numpy(), bank[image * 49 + row * 7 + col])  # where they came from
+    model.partial_fit(rng_images[:2])  # fit --add continues from the two-level bank
+    assert model.memory_bank_.shape[0] == round(0.25 * 14 * 49)
+
+
+def test_exact_coreset_rows_is_saved_and_old_files_load_with_the_default(rng_images, tmp_path):
+    model = PatchCore(**SMALL, exact_coreset_rows=None).fit(rng_images[:2])
+    model.save(tmp_path / "m.safetensors")
+    assert PatchCore.load(tmp_path / "m.safetensors").config.exact_coreset_rows is None
+    data = model.config.to_dict()
+    del data["exact_coreset_rows"]  # a model file written before the setting existed
+    assert PatchCoreConfig.from_dict(data).exact_coreset_rows == 2**19
+    with pytest.raises(PatchCoreError, match="exact_coreset_rows"):
+        PatchCoreConfig(exact_coreset_rows=-1)
+
+
 def test_partial_fit_extends_the_coreset_without_refitting(rng_images):
     rng = np.random.default_rng(11)
     more = [texture(rng) for _ in range(6)]

@@ -18,6 +18,7 @@ import torch
 
 from ..backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
 from ..config import PatchCoreConfig
+from ..core import two_level
 from ..core.coreset import (
     StreamingCoreset,
     coreset_size,
@@ -140,10 +141,12 @@ class PatchCore(Detector):
         backbone = self._make_backbone()
         log = SourceLog()
         batches = log.watch(self._features(images, backbone, "extracting features"))
-        if cfg.max_bank_memory is None:
-            coreset, feature_shape, stats, chosen = self._coreset_in_memory(batches, len(images))
-        else:
+        if cfg.max_bank_memory is not None:
             coreset, feature_shape, stats, chosen = self._coreset_streaming(batches)
+        elif cfg.coreset_method == "greedy" and cfg.exact_coreset_rows is not None:
+            coreset, feature_shape, stats, chosen = self._coreset_two_level(batches, len(images))
+        else:
+            coreset, feature_shape, stats, chosen = self._coreset_in_memory(batches, len(images))
         self._use_bank(coreset)
         self.bank_source_: np.ndarray | None = log.sources(chosen)
         self.train_paths_: list[str | None] = train_paths(images, root)
@@ -315,6 +318,47 @@ class PatchCore(Detector):
             "full_bank_size": int(bank.shape[0]),
         }
         return coreset, feature_shape, stats, np.asarray(chosen)
+
+    def _coreset_two_level(self, batches, n_images: int) -> tuple[torch.Tensor, tuple[int, int], dict, np.ndarray]:
+        """The greedy coreset of the stream of patch features, never all held at once: the exact greedy when the
+        bank has at most ``exact_coreset_rows`` rows (the same bank as :meth:`_coreset_in_memory`), else the
+        two-level greedy (:mod:`patchcore.core.two_level`), its shards reduced as the features arrive."""
+        cfg = self.config
+        assert cfg.exact_coreset_rows is not None
+        stream: two_level.TwoLevelCoreset | None = None
+        shard_rows = two_level.SHARD_ROWS  # read here, not bound at import: tests shrink it
+        started = time.perf_counter()
+        for feats, _ in batches:
+            rows = feats.reshape(-1, feats.shape[-1]).cpu()
+            if stream is None:
+                feature_shape = (int(feats.shape[1]), int(feats.shape[2]))
+                keep = two_level.shard_keep(
+                    cfg.coreset_ratio, cfg.coreset_size, exact_rows=cfg.exact_coreset_rows, shard_rows=shard_rows
+                )
+                stream = two_level.TwoLevelCoreset(
+                    rows.shape[1],
+                    keep,
+                    exact_rows=cfg.exact_coreset_rows,
+                    shard_rows=shard_rows,
+                    projection_dim=cfg.projection_dim,
+                    seed=cfg.seed,
+                    expected_rows=n_images * (rows.shape[0] // feats.shape[0]),
+                )
+            stream.add(rows.numpy())
+        if stream is None:
+            raise PatchCoreError("no patch features were extracted: fit needs at least one good image")
+        extraction_seconds = time.perf_counter() - started  # the shards' reductions ran on the way: split below
+        n_select = coreset_size(stream.n_seen, cfg.coreset_ratio, cfg.coreset_size)
+        with self._bar(n_select, "coreset") as bar:
+            coreset, info = stream.finish(n_select, progress=lambda n: bar.update(n - bar.n))
+        stats = {
+            "feature_seconds": extraction_seconds - info["reduce_seconds"],
+            "coreset_seconds": info["reduce_seconds"] + info["finish_seconds"],
+            "full_bank_size": int(stream.n_seen),
+            "coreset_shards": int(info["n_shards"]),  # 0: the exact greedy over the whole bank
+            "coreset_union_size": int(info["n_kept"]),
+        }
+        return torch.from_numpy(coreset), feature_shape, stats, np.asarray(info["indices"])
 
     def _coreset_streaming(self, batches) -> tuple[torch.Tensor, tuple[int, int], dict, np.ndarray]:
         """Bounded memory: a fixed buffer reduced by greedy coresets whenever it fills (shards), then a
