@@ -149,12 +149,11 @@ def batch_image_scores(
     """
     if len(set(batch.grids)) == 1:  # one grid: the rows are already (B, p) in input order, no copies
         b, p = len(batch), batch.grids[0][0] * batch.grids[0][1]
-        values = score(scores.view(b, p), nearest.view(b, p), batch.rows.view(b, p, -1))
-        return [float(v) for v in values.tolist()]
+        return [float(v) for v in score(scores.view(b, p), nearest.view(b, p), batch.rows.view(b, p, -1)).tolist()]
     parts = list(zip(batch.split(scores), batch.split(nearest), batch.split(batch.rows)))
     out: list[float] = [0.0] * len(batch)
     for group in group_by_shape(batch.grids):
-        values = score(*(torch.stack([parts[i][k] for i in group]) for k in range(3))).tolist()
-        for i, value in zip(group, values):
+        stacked = (torch.stack([parts[i][k] for i in group]) for k in range(3))
+        for i, value in zip(group, score(*stacked).tolist()):
             out[i] = float(value)
     return out

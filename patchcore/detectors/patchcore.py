@@ -143,7 +143,8 @@ class PatchCore(Detector):
         batches = log.watch(self._features(images, backbone, "extracting features"))
         if cfg.max_bank_memory is not None:
             coreset, feature_shape, stats, chosen = self._coreset_streaming(batches)
-        elif cfg.coreset_method == "greedy" and cfg.exact_coreset_rows is not None:
+        elif cfg.coreset_method == "greedy" and cfg.exact_coreset_rows is not None and self._on_cpu():
+            # on a GPU the bank stays on the device and its exact greedy runs there (see _select)
             coreset, feature_shape, stats, chosen = self._coreset_two_level(batches, len(images))
         else:
             coreset, feature_shape, stats, chosen = self._coreset_in_memory(batches, len(images))
@@ -319,6 +320,9 @@ class PatchCore(Detector):
         }
         return coreset, feature_shape, stats, np.asarray(chosen)
 
+    def _on_cpu(self) -> bool:
+        return torch.device(self.device).type == "cpu"
+
     def _coreset_two_level(self, batches, n_images: int) -> tuple[torch.Tensor, tuple[int, int], dict, np.ndarray]:
         """The greedy coreset of the stream of patch features, never all held at once: the exact greedy when the
         bank has at most ``exact_coreset_rows`` rows (the same bank as :meth:`_coreset_in_memory`), else the
@@ -328,10 +332,10 @@ class PatchCore(Detector):
         stream: two_level.TwoLevelCoreset | None = None
         shard_rows = two_level.SHARD_ROWS  # read here, not bound at import: tests shrink it
         started = time.perf_counter()
-        for feats, _ in batches:
-            rows = feats.reshape(-1, feats.shape[-1]).cpu()
+        for batch in batches:
+            rows = batch.rows.cpu()
             if stream is None:
-                feature_shape = (int(feats.shape[1]), int(feats.shape[2]))
+                feature_shape = batch.grids[0]
                 keep = two_level.shard_keep(
                     cfg.coreset_ratio, cfg.coreset_size, exact_rows=cfg.exact_coreset_rows, shard_rows=shard_rows
                 )
@@ -342,7 +346,7 @@ class PatchCore(Detector):
                     shard_rows=shard_rows,
                     projection_dim=cfg.projection_dim,
                     seed=cfg.seed,
-                    expected_rows=n_images * (rows.shape[0] // feats.shape[0]),
+                    expected_rows=n_images * (rows.shape[0] // len(batch)),
                 )
             stream.add(rows.numpy())
         if stream is None:
