@@ -203,9 +203,24 @@ def figures(results: dict) -> dict:
     return fig
 
 
+def scaling_figures(points: list[dict]) -> dict:
+    """Issue 14's fit figures from the curve points: ``fit_scaling_ratio`` (fit seconds at 1,000 training images
+    over 250: 4 for a fit linear in the training set), ``coreset_over_features_1000`` and the peak RSS through
+    the fit at 1,000 images; each only when the curves have its points."""
+    at = {p["n_train"]: p for p in points}
+    fig: dict = {}
+    if 250 in at and 1000 in at:
+        fig["fit_scaling_ratio"] = at[1000]["fit_seconds"] / at[250]["fit_seconds"]
+    if 1000 in at:
+        fig["coreset_over_features_1000"] = at[1000]["coreset_seconds"] / at[1000]["feature_seconds"]
+        fig["peak_rss_fit_mib_1000"] = at[1000]["peak_rss_fit_mib"]
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- curves
 def scaling_curves(sizes, nominal, timing_paths, base_job, out, timeout) -> list[dict]:
-    """Ours at its defaults on growing training sets: fit time, peak memory, predict time vs bank size."""
+    """Ours at its defaults on growing training sets: fit time, peak memory, predict time vs bank size (no
+    prediction timing when ``timing_paths`` is empty)."""
     points = []
     for n in sizes:
         job = dict(base_job, settings="default", train=nominal[:n], test=[], timing_paths=timing_paths)
@@ -240,7 +255,7 @@ def plot_curves(points: list[dict], out: Path) -> list[str]:
 
     n = [p["n_train"] for p in points]
     bank = [p["bank_size"] for p in points]
-    return [
+    plots = [
         line_plot(
             "fit_time.png",
             n,
@@ -265,27 +280,35 @@ def plot_curves(points: list[dict], out: Path) -> list[str]:
             "MiB",
             "ours (defaults): peak memory",
         ),
-        line_plot(
-            "predict_time.png",
-            bank,
-            [
-                ("predict_b1_seconds", "o-", "predict, batch 1"),
-                ("predict_b32_seconds", "o-", "predict, batch 32"),
-                ("backbone_b1_seconds", "s:", "backbone alone, batch 1"),
-                ("backbone_b32_seconds", "s:", "backbone alone, batch 32"),
-            ],
-            "memory bank size (patches)",
-            "ms per image",
-            "ours (defaults): prediction time",
-            scale=1000.0,
-        ),
     ]
+    if all("predict_b1_seconds" in p for p in points):  # --quick's curves time the fits only
+        plots.append(
+            line_plot(
+                "predict_time.png",
+                bank,
+                [
+                    ("predict_b1_seconds", "o-", "predict, batch 1"),
+                    ("predict_b32_seconds", "o-", "predict, batch 32"),
+                    ("backbone_b1_seconds", "s:", "backbone alone, batch 1"),
+                    ("backbone_b32_seconds", "s:", "backbone alone, batch 32"),
+                ],
+                "memory bank size (patches)",
+                "ms per image",
+                "ours (defaults): prediction time",
+                scale=1000.0,
+            )
+        )
+    return plots
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="50 training images, no scaling curves (< 15 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="50 training images; scaling curves at 250 and 1,000 images for the fit figures only (< 15 min)",
+    )
     p.add_argument("--n-train", type=int, help="training images (default 200, quick 50)")
     p.add_argument("--n-test", type=int, help="test images per group: good, local, global (default 200, quick 50)")
     p.add_argument("--peers-dir", type=Path, default=peer_envs.DEFAULT_PEERS_DIR, help="where the peer venvs live")
@@ -312,8 +335,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--curves",
         default=None,
-        help="training sizes for our scaling curves, e.g. 50,100,200 "
-        "('' for none; default 50,100,200,500,1000, none with --quick)",
+        help="training sizes for our scaling curves, e.g. 50,100,200 ('' for none; default "
+        "50,100,200,250,500,1000; with --quick 250,1000, fit only, no prediction timing); fit_scaling_ratio "
+        "needs 250 and 1000, coreset_over_features_1000 needs 1000",
     )
     p.add_argument("--timeout", type=float, help="seconds per tool run (default 900, quick 480)")
     args = p.parse_args(argv)
@@ -321,7 +345,7 @@ def main(argv=None) -> int:
     n_train = args.n_train or (50 if args.quick else 200)
     n_test = args.n_test or (50 if args.quick else 200)
     timeout = args.timeout or (480 if args.quick else 7200)
-    curves = args.curves if args.curves is not None else ("" if args.quick else "50,100,200,500,1000")
+    curves = args.curves if args.curves is not None else ("250,1000" if args.quick else "50,100,200,250,500,1000")
     tools = [t for t in args.tools.split(",") if t]
     unknown = [t for t in tools if t not in OURS_VARIANTS and t not in PEERS]
     if unknown:
@@ -388,12 +412,14 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in curves.split(",") if s.strip()]
     if sizes and "ours_default" in tools:
         log(f"scaling curves for ours at {sizes} training images ...")
-        timing_paths = test[:64] or nominal[800:864]
+        # --quick: the fits only (the fit figures); the full run also times prediction at every size
+        timing_paths = [] if args.quick else test[:64] or nominal[800:864]
         points = scaling_curves([s for s in sizes if s <= len(nominal)], nominal, timing_paths, job, out, timeout)
         if points:
             plots = plot_curves(points, out)
 
     fig = figures(results)
+    fig.update(scaling_figures(points))
     fig["total_seconds"] = time.perf_counter() - started
     for name, value in fig.items():
         print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")

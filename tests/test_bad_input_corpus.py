@@ -32,6 +32,7 @@ BAD_FLAG_VALUES = {
     "coreset_ratio": ["nan", "inf", "0", "-0.5", "1.5", "abc"],
     "coreset_size": ["0", "-1", "abc", "99999999999"],
     "projection_dim": ["0", "-1", "100000", "abc"],
+    "exact_coreset_rows": ["-1", "abc", "1.5", "99999999999999"],
     "max_bank_memory": ["0", "-1", "abc", "99999999999"],
     "num_neighbors": ["0", "-1", "5000", "abc"],
     "k": ["0", "-1", "5000", "abc"],
