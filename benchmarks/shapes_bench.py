@@ -1,6 +1,6 @@
 """Cost per input pixel of keep-aspect and tiled inputs against the square default, side by side in one run.
 
-    python benchmarks/shapes_bench.py [--train 30] [--test 24] [--rounds 3] [--tile-size 256] [--equal-bank]
+    python benchmarks/shapes_bench.py [--train 20] [--test 32] [--rounds 3] [--reps 2] [--equal-bank]
 
 Data: seeded synthetic images of varied size and aspect made from the textile images (conformal-clip-data):
 each a random crop of a 250 x 250 image, resized to 103-632 px wide and 222-403 px high (like the set of
@@ -11,17 +11,22 @@ test images (new shapes, as in use) and runs the three modes on them, in a rotat
 - ``keep-aspect``: ``keep_aspect=True``, no crop (shorter side 384, the aspect kept: each image its own shape);
 - ``tiled``: ``tile_size`` (256) tiles with the default 25% overlap, each resized to 384 x 384.
 
-Per mode: ``fit`` (its feature extraction alone too), and prediction, ``infer(maps=True)`` (the score and the
-anomaly map at input size of every image, from decoded arrays), at batch 1 and batch 32. An "input pixel" is
-a pixel the backbone sees (the 384 x 384 square, the keep-aspect image, or every tile), so the figures are
-seconds per megapixel of model input, best of the rounds, and each mode's ratio to the square default. The
-banks are 1% of each mode's patches (the default ratio): keep-aspect and tiled inputs hold more patches per
-image, so their banks are larger and each patch's search costs more; ``--equal-bank`` also fits every mode
-with the square default's bank size, which separates that effect from the cost of the shapes themselves.
+Per round, each mode is fitted (the fit's feature extraction timed too), then prediction runs ``--reps``
+times per mode, the modes interleaved: ``infer(maps=True)`` (the score and the anomaly map at input size of
+every image, from decoded arrays) at batch 32 and batch 1. An "input pixel" is a pixel the backbone sees
+(the 384 x 384 square, the keep-aspect image, or every tile): the figures are seconds per megapixel of model
+input, wall clock (``_s_per_mp``) and process CPU time (``_cpu_s_per_mp``; with ``--threads 1`` the steadiest
+measure on a shared machine), each the best of all rounds, and each mode's ratio to the square default.
+
+The banks are 1% of each mode's patches (the default ratio): keep-aspect and tiled inputs hold more patches
+per image, so their banks are larger, each patch's search costs more and the greedy coreset (whose cost grows
+with the bank times its size) much more; ``--equal-bank`` also fits every mode with the square default's bank
+size, which separates that effect from the cost of the shapes themselves.
 
 Also printed: the bank sizes, input megapixels per image, the CPU utilisation of prediction at batch 32
-(process CPU seconds over wall seconds: 2.0 is both cores busy) and the largest relative difference of a
-score between batch 1 and batch 32 (batching must not change scores).
+(process CPU seconds over wall seconds, the highest seen: 2.0 is both cores busy, on an otherwise idle
+machine) and the largest relative difference of a score between batch 1 and batch 32 (must be 0: batching
+does not change scores).
 """
 
 from __future__ import annotations
@@ -88,11 +93,18 @@ def timed(call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[float, flo
     return time.perf_counter() - wall, cpu_seconds() - cpu, result
 
 
+def rotated(names: list[str], k: int) -> list[str]:
+    """``names`` started at position k: the order of the modes changes from round to round."""
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=30, help="training images per round (default 30)")
-    parser.add_argument("--test", type=int, default=24, help="test images per round (default 24)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; every figure is the best of them")
+    parser.add_argument("--train", type=int, default=20, help="training images per round (default 20)")
+    parser.add_argument("--test", type=int, default=32, help="test images per round (default 32)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of fresh images; every figure is the best")
+    parser.add_argument("--reps", type=int, default=2, help="predictions of each mode per round (default 2)")
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: both cores here)")
     parser.add_argument("--equal-bank", action="store_true", help="also fit every mode at the square's bank size")
@@ -103,7 +115,7 @@ def main() -> None:
     pool = [*data.train, *(s.path for s in data.test)]
     modes = {"square": {}, "keep_aspect": {"keep_aspect": True}, "tiled": {"tile_size": args.tile_size}}
     best: dict[str, float] = {}
-    notes: dict[str, float] = {}
+    notes: dict[str, list[float]] = {}
 
     def keep(name: str, value: float) -> None:
         best[name] = min(best.get(name, np.inf), value)
@@ -113,51 +125,57 @@ def main() -> None:
     for settings in modes.values():  # load weights and warm the kernels once, outside every timing
         list(PatchCore(**settings).fit(warm[:2]).infer(warm[2:]))
 
+    started = time.perf_counter()
     for round_ in range(args.rounds):
         rng = np.random.default_rng([args.seed, round_])
         picked = rng.choice(len(pool), args.train + args.test, replace=False)
         images = varied_images([pool[i] for i in picked], rng)
         train, test = images[: args.train], images[args.train :]
-        names = list(modes)
-        order = names[round_ % len(names) :] + names[: round_ % len(names)]
-        variants = [(m, modes[m]) for m in order]
-        if args.equal_bank:
-            variants += [(f"{m}_equal_bank", {**modes[m], "equal_bank": True}) for m in order if m != "square"]
-        square_bank: int | None = None
-        for name, settings in sorted(variants, key=lambda v: "equal_bank" in v[1]):  # square's bank size first
-            settings = dict(settings)
-            if settings.pop("equal_bank", False):
-                settings["coreset_size"] = square_bank
+        variants = [(m, modes[m]) for m in rotated(list(modes), round_)]
+        if args.equal_bank:  # after the square, whose bank size they take
+            variants += [(f"{m}_equal_bank", {**modes[m], "coreset_size": None}) for m in modes if m != "square"]
+        fitted: dict[str, tuple[PatchCore, float]] = {}
+        for name, settings in variants:
+            if "coreset_size" in settings:
+                settings = {**settings, "coreset_size": fitted["square"][0].memory_bank_size}
             model = PatchCore(**settings, seed=args.seed)
-            cfg = model.config
-            train_mp, test_mp = megapixels(train, cfg), megapixels(test, cfg)
+            train_mp, test_mp = megapixels(train, model.config), megapixels(test, model.config)
             wall, _, _ = timed(model.fit, train)
-            if name == "square":
-                square_bank = model.memory_bank_size
             keep(f"{name}_fit_s_per_mp", wall / train_mp)
             keep(f"{name}_features_s_per_mp", model.fit_stats_["feature_seconds"] / train_mp)
-            notes[f"{name}_bank_rows_round{round_}"] = model.memory_bank_size
-            notes[f"{name}_input_mp_per_image_round{round_}"] = (train_mp + test_mp) / len(images)
-            scores = {}
-            for batch in (1, 32):
-                model.set_params(batch_size=batch)
-                wall, cpu, results = timed(list[Inference], model.infer(test, maps=True))
-                scores[batch] = np.array([r.score for r in results])
-                keep(f"{name}_predict_b{batch}_s_per_mp", wall / test_mp)
-                if batch == 32:
-                    notes[f"{name}_cpu_utilisation_b32_round{round_}"] = cpu / wall
-            drift = float(np.max(np.abs(scores[1] - scores[32]) / np.abs(scores[1])))
-            notes[f"{name}_max_score_diff_b1_b32"] = max(notes.get(f"{name}_max_score_diff_b1_b32", 0.0), drift)
-            print(f"round {round_} {name}: done", flush=True)
+            notes.setdefault(f"{name}_bank_rows", []).append(model.memory_bank_size)
+            notes.setdefault(f"{name}_input_mp_per_image", []).append((train_mp + test_mp) / len(images))
+            fitted[name] = (model, test_mp)
+        # predictions interleaved mode by mode, several times: each mode meets the same load on a shared machine
+        for rep in range(args.reps):
+            for name in rotated(list(fitted), round_ + rep):
+                model, test_mp = fitted[name]
+                scores = {}
+                for batch in (32, 1):
+                    model.set_params(batch_size=batch)
+                    wall, cpu, results = timed(list[Inference], model.infer(test, maps=True))
+                    scores[batch] = np.array([r.score for r in results])
+                    keep(f"{name}_predict_b{batch}_s_per_mp", wall / test_mp)
+                    keep(f"{name}_predict_b{batch}_cpu_s_per_mp", cpu / test_mp)
+                    if batch == 32:
+                        notes.setdefault(f"{name}_cpu_utilisation_b32", []).append(cpu / wall)
+                drift = float(np.max(np.abs(scores[1] - scores[32]) / np.abs(scores[1])))
+                notes.setdefault(f"{name}_max_score_diff_b1_b32", []).append(drift)
+        print(f"round {round_}: done after {time.perf_counter() - started:.0f} s", flush=True)
 
-    for key in ("fit", "features", "predict_b1", "predict_b32"):
+    for key in ("fit", "features", "predict_b1", "predict_b32", "predict_b1_cpu", "predict_b32_cpu"):
         for name in [v for v in best if v.endswith(f"_{key}_s_per_mp")]:
             print(f"{name}: {best[name]:.4f}")
         square = best[f"square_{key}_s_per_mp"]
         for name in [v for v in best if v.endswith(f"_{key}_s_per_mp") and not v.startswith("square_")]:
             print(f"{name.removesuffix('_s_per_mp')}_over_square: {best[name] / square:.2f}")
-    for name, value in notes.items():
-        print(f"{name}: {value:.3g}" if isinstance(value, float) else f"{name}: {value}")
+    for name, values in notes.items():
+        if name.endswith("_cpu_utilisation_b32"):
+            print(f"{name}: {max(values):.2f} (the highest of {len(values)}; 2.0 = both cores busy)")
+        elif name.endswith("_max_score_diff_b1_b32"):
+            print(f"{name}: {max(values):.2e}")
+        else:
+            print(f"{name}: {np.mean(values):.4g} (mean of the rounds)")
 
 
 if __name__ == "__main__":
