@@ -161,8 +161,12 @@ def main() -> None:
                         notes.setdefault(f"{name}_cpu_utilisation_b32", []).append(cpu / wall)
                 drift = float(np.max(np.abs(scores[1] - scores[32]) / np.abs(scores[1])))
                 notes.setdefault(f"{name}_max_score_diff_b1_b32", []).append(drift)
-        print(f"round {round_}: done after {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"== after round {round_} ({time.perf_counter() - started:.0f} s)", flush=True)
+        report(best, notes)
 
+
+def report(best: dict[str, float], notes: dict[str, list[float]]) -> None:
+    """Every figure so far, one ``name: value`` line each."""
     for key in ("fit", "features", "predict_b1", "predict_b32", "predict_b1_cpu", "predict_b32_cpu"):
         for name in [v for v in best if v.endswith(f"_{key}_s_per_mp")]:
             print(f"{name}: {best[name]:.4f}")
@@ -176,6 +180,7 @@ def main() -> None:
             print(f"{name}: {max(values):.2e}")
         else:
             print(f"{name}: {np.mean(values):.4g} (mean of the rounds)")
+    print(flush=True)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ class PatchCore(Detector):
     fast it runs (``max_pixels``: image files with more pixels are refused, None for no limit), so they are not
     part of the saved config (``search`` = ``exact``, ``exact-fp32`` or
     ``faiss-flat`` give the exact scores; ``faiss-ivf``/``faiss-hnsw`` are approximate, with a small drift
-    measured in benchmarks/search_bench.py). ``batch_size`` (None: 32) is the images decoded, searched and
-    scored together; on a CPU the backbone runs them in slices of ~200k pixels (see ``Backbone.forward``).
+    measured in benchmarks/search_bench.py). ``batch_size`` (None: 32) is the model inputs (images, or tiles)
+    decoded, searched and scored together, of any shapes and at most the pixels of ``batch_size`` square
+    inputs (:mod:`.feature_batches`); on a CPU the backbone runs them in slices of ~200k pixels (see
+    ``Backbone.forward``).
 
     Learned state: ``backbone_``, ``memory_bank_`` (M, D), ``feature_shape_`` (h, w of the feature grid),
     ``n_train_``, ``fit_stats_``, ``thresholds_``; ``bank_source_`` ((M, 8) int32, where each bank row came
