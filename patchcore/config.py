@@ -70,8 +70,10 @@ class PatchCoreConfig:
         PatchCore). level_sets: more layer sets, each "+"-joined (e.g. "blocks.2" or "blocks.2+blocks.4"), one
         bank each beside ``layers``; scales: more input sizes (resize), each with every layer set; global_layers:
         an image-level branch, a Gaussian of the images' mean features of these layers (for global texture
-        changes that raise every patch a little). Each part's scores are standardised by held-out good images
-        (calibration_share) and combined by ``combine`` ("max" or "mean" of the standard scores).
+        changes that raise every patch a little), computed on a global_resize square (128: the mean feature
+        needs no fine detail; on textile 128 and 384 px gave the same AUROC at a ninth of the cost). Each
+        part's scores are standardised by held-out good images (calibration_share) and combined by
+        ``combine`` ("max" or "mean" of the standard scores).
     auto_geometry: the command line's fit, evaluate and tune choose resize (and a square input) from the
         training images' sizes and aspects (:func:`patchcore.imaging.auto_geometry.choose_geometry`) unless
         resize, crop, keep_aspect or tile_size is given; in Python, ``adapt_geometry(config, images)`` does the
@@ -108,6 +110,7 @@ class PatchCoreConfig:
     level_sets: tuple[str, ...] | None = None
     scales: tuple[int, ...] | None = None
     global_layers: tuple[str, ...] | None = None
+    global_resize: int = 128
     combine: str = "max"
     auto_geometry: bool = True
     geometry_reason: str | None = None
@@ -123,6 +126,8 @@ class PatchCoreConfig:
                 raise PatchCoreError(
                     f"level_sets entry {level_set!r} must be layer names joined by +, e.g. blocks.2+blocks.3"
                 )
+        if self.global_resize < 16:
+            raise PatchCoreError(f"global_resize={self.global_resize} is too small: use at least 16 pixels")
         for scale in self.scales or ():
             if scale < 16:
                 raise PatchCoreError(f"scales entry {scale} is too small: use at least 16 pixels")
@@ -239,6 +244,7 @@ _LIMITS: dict[str, tuple[str, float | None]] = {
     "level_sets": ("layers", None),
     "scales": ("ints", 8192),
     "global_layers": ("layers", None),
+    "global_resize": ("int", 8192),
     "combine": ("str", None),
     "auto_geometry": ("bool", None),
     "geometry_reason": ("str", None),

@@ -8,7 +8,8 @@ One config describes it (:class:`~patchcore.config.PatchCoreConfig` with ``level
 deviation) whose members may differ in layers and input size, whose maps are resampled onto the first
 member's, and which may add the global branch:
 
-* global branch: per image the mean over positions of each ``global_layers`` feature map, concatenated;
+* global branch: per image the mean over positions of each ``global_layers`` feature map of the image
+  resized to a ``global_resize`` square, concatenated;
   a Gaussian (Ledoit-Wolf shrunk, :mod:`patchcore.core.gaussian`) of the bank images' vectors; the score is
   the Mahalanobis distance. It sees global texture changes that raise many patches only a little. It has
   no map.
@@ -49,7 +50,9 @@ THRESHOLD_FIELDS = ("threshold_fpr", "threshold", "pixel_threshold")
 def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
     """The banks of a multi-level config: (``layers`` and each ``level_sets`` entry) x (``resize`` and each
     ``scales`` entry), in that order, as plain PatchCore configs (no thresholds, no multi-level fields)."""
-    plain = config.replace(**dict.fromkeys((*MULTILEVEL_FIELDS, *THRESHOLD_FIELDS)))
+    plain = config.replace(
+        **dict.fromkeys((*MULTILEVEL_FIELDS, *THRESHOLD_FIELDS)), global_resize=PatchCoreConfig.global_resize
+    )
     layer_sets: list[tuple[str, ...] | None] = [config.layers]
     layer_sets += [tuple(entry.split("+")) for entry in config.level_sets or ()]
     sizes = [config.resize, *(config.scales or ())]
@@ -183,7 +186,7 @@ class MultiLevelPatchCore(PatchCoreEnsemble):
         images = list(images)
         for start in range(0, len(images), size):
             tensors = [
-                preprocess(load_image(image, self.max_pixels), cfg.resize, cfg.crop, mean, std)[0]
+                preprocess(load_image(image, self.max_pixels), cfg.global_resize, None, mean, std)[0]
                 for image in images[start : start + size]
             ]
             with torch.inference_mode():
