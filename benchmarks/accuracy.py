@@ -28,6 +28,7 @@ from patchcore.datasets import open_dataset
 from patchcore.detectors.base import Detector
 from patchcore.evaluation.evaluate import evaluate
 from patchcore.reporting.files import write_csv, write_json
+from patchcore.tune.search import GRID, evaluate_grid
 
 PEERS = {
     "resize": 256,
@@ -38,12 +39,11 @@ PEERS = {
     "scoring": "paper",
 }
 # name -> PatchCoreConfig fields; "defaults" is whatever the package's defaults are when the script runs
+# and every candidate of tune's grid under its name ("single" is "defaults")
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "peers": PEERS,
-    "global": {"global_layers": ["blocks.2"]},
-    "fine+global": {"layers": ["blocks.2"], "global_layers": ["blocks.2"]},
-    "multilevel": {"level_sets": ["blocks.2"], "global_layers": ["blocks.2"]},
+    **{name: settings for name, settings in GRID.items() if name != "single"},
 }
 COLUMNS = [
     "data",
@@ -111,6 +111,65 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tune_check(real_rows: list[dict[str, Any]], seed: int = 0, batch_size: int | None = None) -> dict[str, Any]:
+    """tune's synthetic AUROC of every grid candidate on textile's training images against the real AUROC
+    (good vs all) of the same settings in ``real_rows`` (this script's textile rows): Spearman's rank
+    correlation over the candidates found in both, and the real AUROC of tune's pick against the grid's best."""
+    from scipy.stats import spearmanr
+
+    from patchcore.tune.search import pick
+
+    dataset = open_dataset("textile")
+    real = {("single" if r["setting"] == "defaults" else r["setting"]): r["image_auroc"] for r in real_rows}
+    grid = {name: settings for name, settings in GRID.items() if name in real}
+    candidates = evaluate_grid(
+        dataset.train, grid, lambda settings: build(settings, dataset.train, batch_size=batch_size), seed=seed
+    )
+    chosen = pick(candidates)
+    synthetic = [c.synthetic_auroc for c in candidates]
+    actual = [real[c.name] for c in candidates]
+    rho = float(spearmanr(synthetic, actual).statistic)
+    return {
+        "candidates": [{**c.row(), "real_auroc": real[c.name]} for c in candidates],
+        "spearman": rho,
+        "pick": chosen.name,
+        "pick_real_auroc": real[chosen.name],
+        "best": max(candidates, key=lambda c: real[c.name]).name,
+        "best_real_auroc": max(actual),
+    }
+
+
+def time_pair(
+    names: list[str], settings: dict[str, dict[str, Any]], rounds: int, n_images: int
+) -> dict[str, dict[str, float]]:
+    """Fit and prediction cost of several settings on textile, interleaved (A, B, A, B, ...) so that whatever
+    else the machine runs weighs on each alike: per setting the median over ``rounds`` of the process CPU
+    seconds (one torch thread) of a fit on the first ``n_images`` training images and of scoring ``n_images``
+    test images per image, and the same as wall seconds."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    dataset = open_dataset("textile")
+    train, test = dataset.train[:n_images], [s.path for s in dataset.test[:: max(1, len(dataset.test) // n_images)]]
+    test = test[:n_images]
+    seen: dict[str, dict[str, list[float]]] = {
+        n: {"fit_cpu": [], "fit_wall": [], "predict_cpu": [], "predict_wall": []} for n in names
+    }
+    for _ in range(rounds):
+        for name in names:
+            detector = build(settings[name], train)
+            cpu, wall = time.process_time(), time.perf_counter()
+            detector.fit(train)
+            seen[name]["fit_cpu"].append(time.process_time() - cpu)
+            seen[name]["fit_wall"].append(time.perf_counter() - wall)
+            cpu, wall = time.process_time(), time.perf_counter()
+            detector.score_samples(test)
+            seen[name]["predict_cpu"].append((time.process_time() - cpu) / len(test))
+            seen[name]["predict_wall"].append((time.perf_counter() - wall) / len(test))
+    return {n: {k: float(np.median(v)) for k, v in d.items()} for n, d in seen.items()}
+
+
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     """'name={json}' -> (name, fields)."""
     name, _, fields = text.partition("=")
@@ -136,9 +195,54 @@ def main(argv: list[str] | None = None) -> int:
         "--setting", action="append", type=parse_setting, default=[], metavar="NAME=JSON", help="an extra setting"
     )
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument(
+        "--timing",
+        type=int,
+        nargs=2,
+        metavar=("ROUNDS", "IMAGES"),
+        help="instead: interleaved CPU and wall time of fit and prediction of the chosen settings on textile "
+        "(ROUNDS rounds, IMAGES training and test images), ratios to the first setting",
+    )
+    parser.add_argument(
+        "--tune-check",
+        type=Path,
+        metavar="ACCURACY_JSON",
+        help="instead: tune's synthetic AUROC of the grid on textile against the real AUROCs in this file "
+        "(an earlier --out's accuracy.json): Spearman and the pick against the best",
+    )
     parser.add_argument("--out", type=Path, help="write OUT/accuracy.csv and OUT/accuracy.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.timing:
+        named = args.settings or ["defaults"]
+        every = {**SETTINGS, **dict(args.setting)}
+        names = named + [name for name, _ in args.setting]
+        times = time_pair(names, every, *args.timing)
+        first = times[names[0]]
+        for name in names:
+            t = times[name]
+            print(
+                f"{name:16s} fit {t['fit_cpu']:.1f} CPU s ({t['fit_cpu'] / first['fit_cpu']:.2f}x), "
+                f"predict {1000 * t['predict_cpu']:.1f} CPU ms/img ({t['predict_cpu'] / first['predict_cpu']:.2f}x); "
+                f"wall {t['fit_wall']:.1f} s, {1000 * t['predict_wall']:.1f} ms/img"
+            )
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_json(args.out / "timing.json", times)
+        return 0
+    if args.tune_check:
+        rows = [r for r in json.loads(args.tune_check.read_text())["rows"] if r["data"] == "textile"]
+        check = tune_check(rows, batch_size=args.batch_size)
+        for c in check["candidates"]:
+            print(f"{c['name']:16s} synthetic {c['synthetic_auroc']:.3f} real {c['real_auroc']:.3f}")
+        print(
+            f"Spearman {check['spearman']:.3f}; pick {check['pick']} (real {check['pick_real_auroc']:.3f}), "
+            f"best {check['best']} (real {check['best_real_auroc']:.3f})"
+        )
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_json(args.out / "tune_check.json", check)
+        return 0
     named = args.settings if args.settings is not None else ([] if args.setting else list(SETTINGS))
     runs = [(name, SETTINGS[name]) for name in named] + list(args.setting)
     rows = []

@@ -89,10 +89,15 @@ def test_save_load_round_trip_and_clone(model, images, tmp_path):
         unfitted.score_samples(images[:1])
 
 
-def test_thresholds_on_standard_scores(images):
+def test_thresholds_calibration_and_partial_fit(images):
     model = MultiLevelPatchCore(**SMALL, global_layers=("blocks.2",), threshold_fpr=0.25).fit(images)
     assert model.threshold_ is not None and model.score_scale == "standardized"
     assert model.predict(images[:1])[0].normalized_score is not None
+    before, n_train = model.memory_bank_size, model.n_train_
+    model.partial_fit(images[:2])
+    assert model.memory_bank_size > before and model.n_train_ == n_train + 2
+    model.calibrate(images[:4], fpr=0.5)
+    assert model.thresholds_.method == "fpr" and model.thresholds_.n_calibration == 4
 
 
 def test_a_plain_patchcore_refuses_multilevel_settings_and_create_picks_the_class():
