@@ -106,26 +106,27 @@ def colour_change(image: np.ndarray, other: np.ndarray, rng: np.random.Generator
 
 
 def texture_change(image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A global texture change: the whole image re-scaled (zoomed 1.3-1.8x, so the texture grows coarser),
-    blurred or sharpened. The mask is the whole image (a global defect has no region)."""
+    """A global texture change, kept subtle (a global defect shows in the statistics of the whole image, not
+    in one place): the whole image re-scaled (zoomed 1.1-1.3x, so the texture grows coarser), slightly
+    blurred or slightly sharpened. The mask is the whole image (a global defect has no region)."""
     height, width = image.shape[:2]
     picture = Image.fromarray(image)
     kind = int(rng.integers(0, 3))
     if kind == 0:
-        zoom = rng.uniform(1.3, 1.8)
+        zoom = rng.uniform(1.1, 1.3)
         ch, cw = max(2, int(height / zoom)), max(2, int(width / zoom))
         top, left = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
         picture = picture.crop((left, top, left + cw, top + ch)).resize((width, height), Image.Resampling.BICUBIC)
     else:
         from PIL import ImageFilter
 
-        radius = rng.uniform(1.0, 2.0) * max(1.0, min(height, width) / 256)
+        radius = rng.uniform(0.5, 1.0) * max(1.0, min(height, width) / 256)
         blurred = picture.filter(ImageFilter.GaussianBlur(radius))
         if kind == 1:
             picture = blurred
-        else:  # unsharp: the image plus its detail again
+        else:  # unsharp: the image plus some of its detail again
             detail = image.astype(np.float32) - np.asarray(blurred, np.float32)
-            picture = Image.fromarray(np.clip(image + 1.5 * detail, 0, 255).astype(np.uint8))
+            picture = Image.fromarray(np.clip(image + rng.uniform(0.5, 1.0) * detail, 0, 255).astype(np.uint8))
     return np.asarray(picture.convert("RGB")), np.ones((height, width), bool)
 
 
