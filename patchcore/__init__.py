@@ -15,6 +15,7 @@ from ._version import __version__
 _EXPORTS = {
     "PatchCore": "patchcore.detectors.patchcore",
     "PatchCoreEnsemble": "patchcore.detectors.ensemble",
+    "MultiLevelPatchCore": "patchcore.detectors.multilevel",
     "Detector": "patchcore.detectors.base",
     "Prediction": "patchcore.detectors.base",
     "Inference": "patchcore.detectors.base",
@@ -32,6 +33,7 @@ __all__ = [
     "PatchCore",
     "PatchCoreConfig",
     "PatchCoreEnsemble",
+    "MultiLevelPatchCore",
     "PatchCoreError",
     "Prediction",
     "Thresholds",
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from .detectors import load
     from .detectors.base import Detector, Inference, Prediction, Thresholds
     from .detectors.ensemble import PatchCoreEnsemble
+    from .detectors.multilevel import MultiLevelPatchCore
     from .detectors.patchcore import PatchCore
     from .errors import NotFittedError, PatchCoreError
 

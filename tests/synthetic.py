@@ -42,6 +42,24 @@ def make_mvtec(
     return root
 
 
+def make_mvtec_realistic(root: Path, n_train: int = 8, n_good: int = 4, n_bad: int = 5, size: int = 48) -> Path:
+    """A tiny MVTec-layout category whose defects look like real ones (a pasted patch, a stain, a scratch, a
+    discoloured region, a texture change: :mod:`patchcore.tune.defects`), one type folder per kind, masks
+    in ground_truth/<kind>/<name>_mask.png."""
+    from patchcore.tune.defects import make_defects
+
+    rng = np.random.default_rng(2)
+    for i in range(n_train):
+        _save(texture(rng, size), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        _save(texture(rng, size), root / "test" / "good" / f"{i:03d}.png")
+    bases = [texture(rng, size) for _ in range(n_bad)]
+    for i, (image, mask, kind) in enumerate(make_defects(bases, seed=5)):
+        _save(image, root / "test" / kind / f"{i:03d}.png")
+        _save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+    return root
+
+
 def _save(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)

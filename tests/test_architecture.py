@@ -20,7 +20,7 @@ LAYERS = [
     {"imaging", "backbones", "persistence", "search"},
     {"detectors", "datasets"},
     {"evaluation", "runtime"},
-    {"reporting", "export"},
+    {"reporting", "export", "tune"},
     # below cli: the serve command and the engine flags import them (lazily: the CLI needs neither fastapi nor ray)
     {"serve", "engines"},
     {"cli"},

@@ -8,10 +8,18 @@ import dataclasses
 import json
 import os
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import CORESET_METHODS, NORMALIZATIONS, PatchCoreConfig
+from ..config import (
+    COMBINES,
+    CORESET_METHODS,
+    GEOMETRY_FIELDS,
+    MULTILEVEL_FIELDS,
+    NORMALIZATIONS,
+    PatchCoreConfig,
+)
 from ..core.scoring_modes import SCORING_MODES
 from ..errors import PatchCoreError
 from ..imaging.decode import DEFAULT_MAX_PIXELS
@@ -22,7 +30,14 @@ if TYPE_CHECKING:  # the detectors import torch: they load when a command needs 
     from ..detectors import Detector
     from ..detectors.base import Scorer
 
-CHOICES = {"scoring": SCORING_MODES, "coreset_method": CORESET_METHODS, "normalization": NORMALIZATIONS}
+CHOICES = {
+    "scoring": SCORING_MODES,
+    "coreset_method": CORESET_METHODS,
+    "normalization": NORMALIZATIONS,
+    "combine": COMBINES,
+}
+# config fields a fit records rather than a user sets: stored in the model, no flag
+LEARNED_FIELDS = ("geometry_reason",)
 RESULT_KEYS = ("path", "score", "threshold", "is_anomalous", "normalized_score")
 OVERLAY_HELP = (
     "heatmap overlay at the image's original size, colours fixed for the whole run (0.75 to 1.25 x the pixel "
@@ -54,6 +69,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     hints = typing.get_type_hints(PatchCoreConfig)
     for field in dataclasses.fields(PatchCoreConfig):
+        if field.name in LEARNED_FIELDS:
+            continue
         flag = "--" + field.name.replace("_", "-")
         hint = str(hints[field.name])
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"default: {field.default}"}
@@ -64,6 +81,23 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 nargs="+",
                 metavar="NAME",
                 help="backbone; several names fit an ensemble, one bank each (default: efficientnet_lite0)",
+            )
+        elif field.name == "level_sets":
+            kwargs.update(
+                nargs="+",
+                metavar="A+B",
+                help="multi-level: more layer sets, one bank each, e.g. blocks.2 blocks.2+blocks.4 (default: none)",
+            )
+        elif field.name == "scales":
+            kwargs.update(
+                nargs="+", type=int, metavar="PX", help="multi-level: more input sizes, each with every layer set"
+            )
+        elif field.name == "global_layers":
+            kwargs.update(
+                nargs="+",
+                metavar="LAYER",
+                help="multi-level: an image-level branch, a Gaussian of the images' mean features of these layers, "
+                "for global texture changes, e.g. blocks.2 (default: none)",
             )
         elif field.name == "image_top_k":
             kwargs.update(
@@ -118,19 +152,36 @@ def read_config_file(path: str) -> dict[str, Any]:
     return settings
 
 
-def make_detector(args: argparse.Namespace) -> Detector:
-    """Defaults, then the --config file, then the flags given on the command line: a PatchCore model, or an
-    ensemble when several backbones are named (one config per backbone; the calibration share, seed and
-    threshold settings are the ensemble's, its thresholds in standard deviations)."""
+def make_detector(args: argparse.Namespace, train: Sequence[Any] | None = None) -> Detector:
+    """Defaults, then the --config file, then the flags given on the command line: a PatchCore model, a
+    multi-level one when the settings ask for it, or an ensemble when several backbones are named (one config
+    per backbone; the calibration share, seed and threshold settings are the ensemble's, its thresholds in
+    standard deviations). With ``train`` (the training images) and ``auto_geometry`` on, the input geometry
+    not fixed by the settings is chosen from the images (:func:`patchcore.imaging.auto_geometry.adapt_geometry`)."""
     from ..detectors import PatchCore, PatchCoreEnsemble
 
     settings = {**(read_config_file(args.config) if getattr(args, "config", None) else {}), **given_settings(args)}
+    if "geometry_reason" in settings:
+        raise PatchCoreError("geometry_reason is recorded by fit, not set: drop it from the config file")
+    if train is not None and settings.get("auto_geometry", PatchCoreConfig.auto_geometry):
+        from ..imaging.auto_geometry import adapt_geometry
+
+        base = PatchCoreConfig.from_dict({k: v for k, v in settings.items() if k != "backbone"})
+        chosen = adapt_geometry(base, train, given=settings)
+        settings.update({name: getattr(chosen, name) for name in (*GEOMETRY_FIELDS, "geometry_reason")})
     backbones = settings.pop("backbone", None) or [PatchCoreConfig.backbone]
     backbones = [backbones] if isinstance(backbones, str) else backbones
     if not isinstance(backbones, list) or not all(isinstance(name, str) for name in backbones):
         raise PatchCoreError(f"backbone={backbones!r} must be a backbone name or a list of names")
     if len(backbones) == 1:
-        return PatchCore(PatchCoreConfig.from_dict({**settings, "backbone": backbones[0]}), **runtime_from_args(args))
+        config = PatchCoreConfig.from_dict({**settings, "backbone": backbones[0]})
+        if config.multilevel:
+            from ..detectors import MultiLevelPatchCore
+
+            return MultiLevelPatchCore(config, **runtime_from_args(args))
+        return PatchCore(config, **runtime_from_args(args))
+    if any(settings.get(name) is not None for name in MULTILEVEL_FIELDS):
+        raise PatchCoreError("several backbones and multi-level settings do not combine: choose one backbone")
     if settings.get("layers"):
         raise PatchCoreError("--layers cannot apply to several backbones: drop it to use each backbone's defaults")
     thresholds = {

@@ -17,11 +17,12 @@ from .base import Detector, Inference, Prediction, Scorer, Thresholds
 
 if TYPE_CHECKING:
     from .ensemble import PatchCoreEnsemble
+    from .multilevel import MultiLevelPatchCore
     from .patchcore import PatchCore
 
 # The detectors themselves import torch: they load on first use, so that ``patchcore.detectors.base``
 # (the contract, which the torch-free runtime implements) does not need torch.
-_LAZY = {"PatchCore": ".patchcore", "PatchCoreEnsemble": ".ensemble"}
+_LAZY = {"PatchCore": ".patchcore", "PatchCoreEnsemble": ".ensemble", "MultiLevelPatchCore": ".multilevel"}
 
 
 def __getattr__(name: str) -> Any:
@@ -35,9 +36,21 @@ def __getattr__(name: str) -> Any:
 def kinds() -> dict[str, type[Detector]]:
     """KINDS: each model-file kind and its detector class (the one place to register a new detector)."""
     from .ensemble import PatchCoreEnsemble
+    from .multilevel import MultiLevelPatchCore
     from .patchcore import PatchCore
 
-    return {cls.kind: cls for cls in (PatchCore, PatchCoreEnsemble)}
+    return {cls.kind: cls for cls in (PatchCore, PatchCoreEnsemble, MultiLevelPatchCore)}
+
+
+def create(config: Any = None, **runtime: Any) -> Detector:
+    """An unfitted detector for a :class:`~patchcore.config.PatchCoreConfig`: a :class:`PatchCore`, or a
+    :class:`MultiLevelPatchCore` when the config asks for several banks or a global branch."""
+    from ..config import PatchCoreConfig
+    from .multilevel import MultiLevelPatchCore
+    from .patchcore import PatchCore
+
+    config = config or PatchCoreConfig()
+    return MultiLevelPatchCore(config, **runtime) if config.multilevel else PatchCore(config, **runtime)
 
 
 def load(path: str | os.PathLike, **runtime: Any) -> Detector:
@@ -68,11 +81,13 @@ __all__ = [
     "Detector",
     "Inference",
     "KINDS",
+    "MultiLevelPatchCore",
     "PatchCore",
     "PatchCoreEnsemble",
     "Prediction",
     "Scorer",
     "Thresholds",
+    "create",
     "from_state",
     "kinds",
     "load",

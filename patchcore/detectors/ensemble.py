@@ -262,8 +262,8 @@ class PatchCoreEnsemble(Detector):
             check_keys(meta, {"members", "ensemble", "standardization", "thresholds"}, "ensemble")
             records, info, stats = meta["members"], header_dict(meta, "ensemble"), header_dict(meta, "standardization")
             check_keys(info, {*SETTINGS, "n_train", "n_calibration"}, "ensemble")
-            if not isinstance(records, list) or len(records) < 2:
-                raise PatchCoreError("an ensemble needs a list of at least two members")
+            if not isinstance(records, list) or not records:  # one member: a multi-level model with a global branch
+                raise PatchCoreError("an ensemble needs a list of members")
             member_states = [
                 DetectorState(
                     SINGLE_KIND,

@@ -99,6 +99,8 @@ class PatchCore(Detector):
         **settings: Any,
     ) -> None:
         self.config = (config or PatchCoreConfig()).replace(**settings)
+        if self.config.multilevel:  # level_sets, scales, global_layers: several banks and a branch, not one bank
+            raise PatchCoreError("these settings describe a multi-level model: use MultiLevelPatchCore(config)")
         self.device = device
         self.batch_size = batch_size
         self.chunk_size = chunk_size

@@ -3,8 +3,8 @@
 :data:`COMMANDS` is the one place to register a new command.
 """
 
-from . import calibrate, evaluate, export, fit, info, predict, serve, sign
+from . import calibrate, evaluate, export, fit, info, predict, serve, sign, tune
 
-COMMANDS = (fit, predict, evaluate, calibrate, export, info, sign, serve)
+COMMANDS = (fit, tune, predict, evaluate, calibrate, export, info, sign, serve)
 
 EXIT_ERROR = 1

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     images = [*dataset.train, *(s.path for s in dataset.test), *(s.mask_path for s in dataset.test if s.mask_path)]
     check_planned_outputs(planned, [Path(p) for p in (args.model, *images) if p])
     if learner is not None:
+        detector = learner = make_detector(args, dataset.train)  # the geometry chosen from the images unless fixed
         learner.fit(dataset.train)
     watchers = []
     if args.overlays:

@@ -58,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
         detector = load_detector(args.add, args)
         detector.partial_fit(dataset_from_args(args).train, root=data_folder(args))
     else:
-        detector = make_detector(args)
+        make_detector(args)  # the settings are checked before any image is opened
+        train = dataset_from_args(args).train
+        detector = make_detector(args, train)  # with the geometry chosen from the images unless fixed
         if args.engine == "ray":
-            fit_on_ray(args, detector, list(dataset_from_args(args).train))
+            fit_on_ray(args, detector, list(train))
         else:
-            detector.fit(dataset_from_args(args).train, root=data_folder(args))
+            detector.fit(train, root=data_folder(args))
     detector.save(args.output)
     stats = detector.fit_stats_
     logger.info(

@@ -1,0 +1,58 @@
+"""A Gaussian model of image-level feature vectors: mean, scale and a shrunk precision matrix, and the
+Mahalanobis distance under it. Pure numpy.
+
+Used for the image-level ("global") branch of a multi-level model: a global texture change moves the mean
+deep feature of the whole image, which a Gaussian of the good images' mean features sees even when no
+single patch looks odd. With few images and many dimensions the sample covariance is singular, so it is
+shrunk towards a multiple of the identity by the Ledoit-Wolf amount (Ledoit and Wolf, 2004), computed on
+features standardised per dimension.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Gaussian(NamedTuple):
+    """mean (D,), scale (D,) (per-dimension standard deviation), precision (D, D) of the standardised
+    features, all float64; shrinkage in [0, 1]."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    precision: np.ndarray
+    shrinkage: float
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(N, D) centred rows -> ((D, D) shrunk covariance, shrinkage): (1 - a) S + a mu I, with the
+    Ledoit-Wolf estimate of a (clipped to [0, 1])."""
+    n, dim = x.shape
+    sample = x.T @ x / n
+    mu = float(np.trace(sample)) / dim
+    target = mu * np.eye(dim)
+    distance = float(((sample - target) ** 2).sum())
+    # mean over rows of |x x^T - S|_F^2 = |x|^4 - 2 x^T S x + |S|_F^2, without forming the outer products
+    norms = (x * x).sum(1)
+    spread = float((norms**2 - 2 * np.einsum("ij,jk,ik->i", x, sample, x) + (sample**2).sum()).sum()) / n**2
+    shrinkage = 1.0 if distance <= 0 else min(1.0, max(0.0, spread / distance))
+    return (1 - shrinkage) * sample + shrinkage * target, shrinkage
+
+
+def fit_gaussian(x: np.ndarray) -> Gaussian:
+    """(N, D) feature rows (N >= 2) -> the Gaussian of :class:`Gaussian`."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"fit_gaussian needs (N, D) rows with N >= 2, got shape {x.shape}")
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    covariance, shrinkage = ledoit_wolf((x - mean) / scale)
+    return Gaussian(mean, scale, np.linalg.pinv(covariance, hermitian=True), shrinkage)
+
+
+def mahalanobis(x: np.ndarray, gaussian: Gaussian) -> np.ndarray:
+    """(N, D) rows -> (N,) Mahalanobis distances (the square root of the quadratic form) under ``gaussian``."""
+    q = (np.asarray(x, dtype=np.float64) - gaussian.mean) / gaussian.scale
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", q, gaussian.precision, q), 0.0))
