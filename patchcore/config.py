@@ -71,6 +71,12 @@ class PatchCoreConfig:
         the bank) and sets the image threshold so that this fraction of them would be flagged, and the
         pixel threshold likewise over their anomaly-map pixels.
     threshold, pixel_threshold: thresholds given by hand (they win over threshold_fpr).
+    global_branch: an image-level branch beside the bank (a single-bank model's; a multi-level model has
+        global_layers instead): a Gaussian (Ledoit-Wolf shrunk) of every training input's mean patch feature,
+        whose Mahalanobis distance catches global texture changes that raise every patch a little and none
+        much. fit holds out calibration_share of the good images, on which the distance is put onto the
+        bank's score scale (equal mean and standard deviation); the image score is the larger of the two.
+        It costs no backbone work (the bank's own features, averaged). Off: the bank alone, the paper's method.
     level_sets, scales, global_layers, combine: a multi-level model (``MultiLevelPatchCore``; all None: a plain
         PatchCore). level_sets: more layer sets, each "+"-joined (e.g. "blocks.2" or "blocks.2+blocks.4"), one
         bank each beside ``layers``; scales: more input sizes (resize), each with every layer set; global_layers:
@@ -113,6 +119,7 @@ class PatchCoreConfig:
     calibration_share: float = 0.2
     threshold: float | None = None
     pixel_threshold: float | None = None
+    global_branch: bool = True
     level_sets: tuple[str, ...] | None = None
     scales: tuple[int, ...] | None = None
     global_layers: tuple[str, ...] | None = None
@@ -252,6 +259,7 @@ _LIMITS: dict[str, tuple[str, float | None]] = {
     "calibration_share": ("float", None),
     "threshold": ("float", None),
     "pixel_threshold": ("float", None),
+    "global_branch": ("bool", None),
     "level_sets": ("layers", None),
     "scales": ("ints", 8192),
     "global_layers": ("layers", None),

@@ -9,7 +9,7 @@ from synthetic import SMALL, texture
 
 
 def _members():
-    return [PatchCoreConfig(**SMALL), PatchCoreConfig(**SMALL, layers=("blocks.1", "blocks.2"))]
+    return [PatchCoreConfig(**SMALL), PatchCoreConfig(**{**SMALL, "layers": ("blocks.1", "blocks.2")})]
 
 
 @pytest.fixture(scope="module")

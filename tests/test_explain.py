@@ -103,7 +103,7 @@ def test_explain_with_tiles_and_the_ensemble_message(data, tmp_path):
     assert set(tiled.bank_source_[:, 1]) > {0}  # rows from several tiles
     explanation = tiled.explain(bad, data_root=root)
     assert explanation.status == "ok" and explanation.patch["tile"] >= 0
-    members = [PatchCoreConfig(**SMALL), PatchCoreConfig(**SMALL, layers=("blocks.1", "blocks.2"))]
+    members = [PatchCoreConfig(**SMALL), PatchCoreConfig(**{**SMALL, "layers": ("blocks.1", "blocks.2")})]
     ensemble = PatchCoreEnsemble(members, calibration_share=0.4).fit(paths, root=root)
     assert all(m.bank_source_ is not None for m in ensemble.models_)
     ensemble.save(tmp_path / "ens.safetensors")

@@ -46,13 +46,16 @@ def test_gaussian_is_the_shrunk_mahalanobis_distance():
 
 def test_members_are_layer_sets_times_scales():
     members = member_configs(PatchCoreConfig(**SETTINGS))
+    fine = ("blocks.2", "blocks.3")  # SMALL's layers
     assert [(m.layers, m.resize, m.crop) for m in members] == [
-        (None, 64, 56),
+        (fine, 64, 56),
         (("blocks.1",), 64, 56),
-        (None, 48, 42),
+        (fine, 48, 42),
         (("blocks.1",), 48, 42),
     ]
-    assert not any(m.multilevel or m.threshold_fpr for m in members)
+    # no member carries a branch of its own: the multi-level model's is global_layers
+    assert not any(m.multilevel or m.threshold_fpr or m.global_branch for m in members)
+    assert not any(m.global_branch for m in member_configs(PatchCoreConfig(level_sets=("blocks.3",))))
 
 
 def test_parts_are_standardised_and_combined_by_max(model, images):

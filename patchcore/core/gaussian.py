@@ -1,7 +1,8 @@
 """A Gaussian model of image-level feature vectors: mean, scale and a shrunk precision matrix, and the
 Mahalanobis distance under it. Pure numpy.
 
-Used for the image-level ("global") branch of a multi-level model: a global texture change moves the mean
+Used for the image-level ("global") branch of a single-bank model (the Gaussian of each input's mean patch
+feature) and of a multi-level model (of mean backbone features at a small size): a global texture change moves the mean
 deep feature of the whole image, which a Gaussian of the good images' mean features sees even when no
 single patch looks odd. With few images and many dimensions the sample covariance is singular, so it is
 shrunk towards a multiple of the identity by the Ledoit-Wolf amount (Ledoit and Wolf, 2004), computed on
@@ -56,3 +57,22 @@ def mahalanobis(x: np.ndarray, gaussian: Gaussian) -> np.ndarray:
     """(N, D) rows -> (N,) Mahalanobis distances (the square root of the quadratic form) under ``gaussian``."""
     q = (np.asarray(x, dtype=np.float64) - gaussian.mean) / gaussian.scale
     return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", q, gaussian.precision, q), 0.0))
+
+
+def matching_affine(target: np.ndarray, source: np.ndarray) -> tuple[float, float]:
+    """(offset, slope) with ``offset + slope * source`` of the mean and standard deviation of ``target``.
+
+    Both (N,) with N >= 2, scores of the same held-out good images: a single-bank model puts its global
+    branch's Mahalanobis distances onto the bank's score scale with it, so that the two compare directly.
+
+    >>> matching_affine(np.array([1.0, 3.0]), np.array([10.0, 20.0]))
+    (-1.0, 0.2)
+    """
+    target, source = np.asarray(target, dtype=np.float64), np.asarray(source, dtype=np.float64)
+    if target.shape != source.shape or target.ndim != 1 or target.shape[0] < 2:
+        raise ValueError(f"matching_affine needs two (N,) score arrays with N >= 2, got {target.shape}, {source.shape}")
+    spread = float(source.std())
+    if not spread > 1e-12:
+        raise ValueError("the source scores do not vary: no scale to match")
+    slope = float(target.std()) / spread
+    return float(target.mean() - slope * source.mean()), slope

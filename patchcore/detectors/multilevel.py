@@ -51,7 +51,9 @@ def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
     """The banks of a multi-level config: (``layers`` and each ``level_sets`` entry) x (``resize`` and each
     ``scales`` entry), in that order, as plain PatchCore configs (no thresholds, no multi-level fields)."""
     plain = config.replace(
-        **dict.fromkeys((*MULTILEVEL_FIELDS, *THRESHOLD_FIELDS)), global_resize=PatchCoreConfig.global_resize
+        **dict.fromkeys((*MULTILEVEL_FIELDS, *THRESHOLD_FIELDS)),
+        global_resize=PatchCoreConfig.global_resize,
+        global_branch=False,  # the multi-level model's image-level branch is its own (global_layers)
     )
     layer_sets: list[tuple[str, ...] | None] = [config.layers]
     layer_sets += [tuple(entry.split("+")) for entry in config.level_sets or ()]

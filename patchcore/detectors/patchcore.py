@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from ..backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_spec, create_backbone
 from ..config import PatchCoreConfig
 from ..core import two_level
 from ..core.coreset import (
@@ -61,6 +61,7 @@ from .explain import (
     train_paths,
 )
 from .feature_batches import FeatureBatch, batch_image_scores, batch_maps, extract_batch, take_batches
+from .global_branch import GlobalBranch, input_means
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,11 @@ class PatchCore(Detector):
     ``Backbone.forward``).
 
     Learned state: ``backbone_``, ``memory_bank_`` (M, D), ``feature_shape_`` (h, w of the feature grid),
-    ``n_train_``, ``fit_stats_``, ``thresholds_``; ``bank_source_`` ((M, 8) int32, where each bank row came
-    from, see :data:`~patchcore.detectors.explain.SOURCE_COLUMNS`; None for model files that predate it) and
-    ``train_paths_`` (the training images' paths relative to the data folder, None for arrays).
+    ``n_train_``, ``fit_stats_``, ``thresholds_``, ``global_`` (the image-level branch,
+    :class:`~patchcore.detectors.global_branch.GlobalBranch`; None without one); ``bank_source_`` ((M, 8)
+    int32, where each bank row came from, see :data:`~patchcore.detectors.explain.SOURCE_COLUMNS`; None for
+    model files that predate it) and ``train_paths_`` (the training images' paths relative to the data
+    folder, None for arrays).
     """
 
     kind = SINGLE_KIND
@@ -132,19 +135,32 @@ class PatchCore(Detector):
     def fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCore:
         """Build the memory bank from good images and subsample it to the coreset. Returns self.
 
-        With ``threshold_fpr`` (and no manual ``threshold``), a seeded ``calibration_share`` of the images
-        is held out of the bank and sets the thresholds (:meth:`calibrate`). ``root``: the data folder; the
-        model records the image files' paths relative to it (else to their common folder) for :meth:`explain`.
+        With ``global_branch`` or ``threshold_fpr`` (and no manual ``threshold``), a seeded
+        ``calibration_share`` of the images is held out of the bank: it puts the global branch onto the bank's
+        score scale and sets the thresholds (:meth:`calibrate`). ``root``: the data folder; the model records the
+        image files' paths relative to it (else to their common folder) for :meth:`explain`.
         """
         images = list(images)
         if not images:
             raise PatchCoreError("no training images: fit needs at least one good image")
-        cfg = self.config
         images, calibration = self.calibration_split(images)
+        return self._fit(images, calibration, root)
+
+    def _fit(
+        self,
+        images: list[ImageLike],
+        calibration: list[ImageLike],
+        root: str | os.PathLike | None,
+        shard: bool = False,
+    ) -> PatchCore:
+        """Bank (and global branch) from ``images``; branch calibration and thresholds from ``calibration``
+        (a ``shard``'s branch stays uncalibrated until the shards merge)."""
+        cfg = self.config
         started = time.perf_counter()
         backbone = self._make_backbone()
         log = SourceLog()
-        batches = log.watch(self._features(images, backbone, "extracting features"))
+        means: list[np.ndarray] = []
+        batches = self._collect_means(log.watch(self._features(images, backbone, "extracting features")), means)
         if cfg.max_bank_memory is not None:
             coreset, feature_shape, stats, chosen = self._coreset_streaming(batches)
         elif cfg.coreset_method == "greedy" and cfg.exact_coreset_rows is not None and self._on_cpu():
@@ -158,10 +174,35 @@ class PatchCore(Detector):
         self.backbone_ = backbone
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
+        self.global_ = GlobalBranch.fit(np.concatenate(means)) if means else None
+        if not shard:
+            self._calibrate_global(calibration)
         self._set_thresholds(calibration)
         self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
         logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
         return self
+
+    def _collect_means(self, batches: Iterator[FeatureBatch], into: list[np.ndarray]) -> Iterator[FeatureBatch]:
+        """``batches`` unchanged; with ``global_branch`` each one's per-input mean features go to ``into``."""
+        for batch in batches:
+            if self.config.global_branch:
+                into.append(input_means(batch))
+            yield batch
+
+    def _calibrate_global(self, calibration: Sequence[ImageLike]) -> None:
+        """Put the global branch onto the bank's score scale with the held-out good ``calibration`` images;
+        without at least 2 of them the model has no branch (see :meth:`calibration_split`)."""
+        if self.global_ is None:
+            return
+        if len(calibration) < 2:
+            self.global_ = None
+            return
+        bank, means = [], []
+        for batch in self._features(list(calibration), self.backbone_, "calibrating the global branch"):
+            with torch.inference_mode():
+                bank += self._bank_scores(batch)
+            means.append(input_means(batch))
+        self.global_ = self.global_.calibrated(np.array(bank), self.global_.distances(np.concatenate(means)))
 
     def _set_thresholds(self, calibration: Sequence[ImageLike]) -> None:
         """The thresholds after a fit: by hand, or from the held-out ``calibration`` images."""
@@ -172,13 +213,22 @@ class PatchCore(Detector):
 
     # ------------------------------------------------------------------ fitting in shards (distributed)
     def calibration_split(self, images: Sequence[ImageLike]) -> tuple[list[ImageLike], list[ImageLike]]:
-        """(the images ``fit`` puts into the bank, those it holds out for calibration): with ``threshold_fpr``
-        (and no manual ``threshold``) a seeded ``calibration_share``, else none."""
+        """(the images ``fit`` puts into the bank, those it holds out for calibration): a seeded
+        ``calibration_share`` with ``threshold_fpr`` (and no manual ``threshold``) or with ``global_branch`` (when
+        that leaves at least 2 to calibrate it on, else none: the branch is then left out), else none."""
         images = list(images)
         cfg = self.config
-        if cfg.threshold_fpr is None or cfg.threshold is not None:
+        thresholds = cfg.threshold_fpr is not None and cfg.threshold is None
+        if not thresholds and (not cfg.global_branch or len(images) < 2):
             return images, []
         keep, held_out = split_calibration(len(images), cfg.calibration_share, cfg.seed)
+        if not thresholds and len(held_out) < 2:
+            logger.debug(
+                "%d training image(s) leave too few to calibrate the global branch on: fitted without it; "
+                "add good images or raise calibration_share",
+                len(images),
+            )
+            return images, []
         return [images[i] for i in keep], [images[i] for i in held_out]
 
     def fit_shard(self, images: Sequence[ImageLike], n_shards: int) -> list[bytes]:
@@ -190,7 +240,7 @@ class PatchCore(Detector):
         ratio = min(1.0, cfg.coreset_ratio * max(1, int(n_shards)))
         part_config = cfg.replace(coreset_ratio=ratio, threshold_fpr=None, threshold=None, pixel_threshold=None)
         runtime = {name: getattr(self, name) for name in RUNTIME}
-        return [PatchCore(part_config, **runtime).fit(images).to_bytes()]
+        return [PatchCore(part_config, **runtime)._fit(list(images), [], None, shard=True).to_bytes()]
 
     def merge_shards(self, parts: Sequence[Sequence[bytes]], calibration: Sequence[ImageLike]) -> PatchCore:
         """Fit from the shards' banks (:meth:`fit_shard`): the greedy coreset over their union, of the size one
@@ -201,7 +251,7 @@ class PatchCore(Detector):
             raise PatchCoreError("no shards to merge: fit needs at least one good image")
         cfg = self.config
         started = time.perf_counter()
-        banks, seen, n_train = [], 0, 0
+        banks, means, seen, n_train = [], [], 0, 0
         feature_shape: tuple[int, int] | None = None
         for i, part in enumerate(parts):
             if len(part) != 1:
@@ -211,6 +261,8 @@ class PatchCore(Detector):
                 raise PatchCoreError(f"shard {i} holds a {state.kind}, not a {self.kind}")
             train = header_dict(state.meta, "train")
             banks.append(torch.from_numpy(np.asarray(state.tensors["memory_bank"], dtype=np.float32)))
+            if cfg.global_branch and "global.features" in state.tensors:
+                means.append(np.asarray(state.tensors["global.features"], dtype=np.float32))
             seen += int(train["full_bank_size"])
             n_train += int(train["n_train"])
             feature_shape = feature_shape or (int(train["feature_shape"][0]), int(train["feature_shape"][1]))
@@ -225,6 +277,8 @@ class PatchCore(Detector):
         self.backbone_ = self._make_backbone()
         self.feature_shape_ = feature_shape or (1, 1)
         self.n_train_ = n_train
+        self.global_ = GlobalBranch.fit(np.concatenate(means)) if means else None
+        self._calibrate_global(calibration)
         self._set_thresholds(calibration)
         self.fit_stats_ = {  # the merge's own; the shards' work ran elsewhere (the engine times it)
             "coreset_seconds": coreset_seconds,
@@ -252,8 +306,9 @@ class PatchCore(Detector):
         cfg = self.config
         started = time.perf_counter()
         log = SourceLog(first_image=len(self.train_paths_))
+        means: list[np.ndarray] = []
         batches = log.watch(self._features(images, self.backbone_, "extracting features"))
-        new = torch.cat([batch.rows.cpu() for batch in batches])
+        new = torch.cat([batch.rows.cpu() for batch in self._collect_means(batches, means)])
         feature_seconds = time.perf_counter() - started
         seen = int(self.fit_stats_.get("full_bank_size") or self.memory_bank_.shape[0]) + new.shape[0]
         target = coreset_size(seen, cfg.coreset_ratio, cfg.coreset_size)
@@ -271,6 +326,8 @@ class PatchCore(Detector):
         self.bank_source_ = np.concatenate([old_source, log.sources(chosen)])
         self.train_paths_ = self.train_paths_ + train_paths(images, root)
         self.n_train_ += len(images)
+        if self.global_ is not None and means:  # the Gaussian takes the new images in; its scale is kept
+            self.global_ = self.global_.extended(np.concatenate(means))
         self.fit_stats_ = {
             "feature_seconds": feature_seconds,
             "coreset_seconds": time.perf_counter() - started - feature_seconds,
@@ -561,23 +618,20 @@ class PatchCore(Detector):
 
         The map is (S, S) (S = crop or resize); with keep_aspect and no crop, the resized image's (H, W);
         with tiling, the tiles' maps stitched at the scaled image's size and the score the tiles' maximum.
+        With a global branch, an input's score is the larger of the bank's and the branch's (the map is the bank's).
         """
         self._check_fitted()
         cfg = self.config
-        index = self._index
         tile_scores: list[float] = []
         tile_maps: list[np.ndarray] = []
         for batch in self._features(list(images), self.backbone_, "scoring"):
             with torch.inference_mode():
                 # one search for every patch of every input in the batch, whatever their shapes
-                scores, nearest = patch_scores(batch.rows, index, cfg.scoring, cfg.k)
+                scores, nearest = patch_scores(batch.rows, self._index, cfg.scoring, cfg.k)
                 input_maps = batch_maps(scores, batch, cfg.sigma) if maps else None
-                batch_scores = batch_image_scores(
-                    scores,
-                    nearest,
-                    batch,
-                    lambda s, n, f: image_scores(s, n, f, index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k),
-                )
+                batch_scores = self._bank_scores(batch, scores, nearest)
+                if self.global_ is not None:
+                    batch_scores = self.global_.combined(batch_scores, input_means(batch))
                 for i, (geometry, last) in enumerate(batch.owners):
                     score = batch_scores[i]
                     amap = input_maps[i] if input_maps is not None else None
@@ -590,6 +644,22 @@ class PatchCore(Detector):
                     if last:
                         yield Inference(max(tile_scores), stitch_maps(tile_maps, geometry) if maps else None, geometry)
                         tile_scores, tile_maps = [], []
+
+    def _bank_scores(
+        self, batch: FeatureBatch, scores: torch.Tensor | None = None, nearest: torch.Tensor | None = None
+    ) -> list[float]:
+        """Per input of ``batch`` its image score from the bank alone (``scores``, ``nearest``: its patches'
+        (P,) scores and nearest bank rows, when already searched)."""
+        cfg = self.config
+        index = self._index
+        if scores is None or nearest is None:
+            scores, nearest = patch_scores(batch.rows, index, cfg.scoring, cfg.k)
+        return batch_image_scores(
+            scores,
+            nearest,
+            batch,
+            lambda s, n, f: image_scores(s, n, f, index, cfg.scoring, cfg.num_neighbors, cfg.image_top_k),
+        )
 
     # ------------------------------------------------------------------ state
     def get_state(self) -> DetectorState:
@@ -611,6 +681,9 @@ class PatchCore(Detector):
             "thresholds": self.thresholds_.to_dict(),
         }
         tensors = {"memory_bank": self.memory_bank_.detach().cpu().numpy().copy()}
+        if self.global_ is not None:
+            meta["global"] = self.global_.meta()
+            tensors.update(self.global_.tensors())
         if self.bank_source_ is not None:  # optional: files without it load, and explain() says "not recorded"
             tensors["bank_source"] = self.bank_source_.copy()
             meta["train_paths"] = list(self.train_paths_)
@@ -630,8 +703,10 @@ class PatchCore(Detector):
         if unknown:
             raise PatchCoreError(f"unknown runtime setting(s) {', '.join(unknown)}: use {', '.join(RUNTIME)}")
         try:
-            check_keys(meta, {"config", "backbone", "train", "thresholds", "train_paths"}, "model")
-            config = PatchCoreConfig.from_dict(header_dict(meta, "config"))
+            check_keys(meta, {"config", "backbone", "train", "thresholds", "train_paths", "global"}, "model")
+            stored = header_dict(meta, "config")
+            # files from before the global branch have no such setting, and no branch
+            config = PatchCoreConfig.from_dict({"global_branch": False, **stored})
             recorded, train = header_dict(meta, "backbone"), header_dict(meta, "train")
             check_keys(recorded, {"name", "layers", "weights_sha256"}, "backbone")
             check_keys(train, {"n_train", "feature_shape", "full_bank_size", "seed"}, "train")
@@ -665,6 +740,8 @@ class PatchCore(Detector):
             ) from exc
         if weights is not None:
             config = config.replace(weights=str(weights))
+        if config.layers is None and tuple(layers) != backbone_spec(config.backbone).default_layers:
+            config = config.replace(layers=tuple(layers))  # fitted at the backbone's defaults of an older version
         if bank.ndim != 2 or bank.dtype != np.float32 or bank.shape[0] < 1:
             raise PatchCoreError(f"{source}: memory bank must be a non-empty (M, D) float32 tensor")
         if not np.isfinite(bank).all():
@@ -683,6 +760,14 @@ class PatchCore(Detector):
             raise PatchCoreError(
                 f"{source}: memory bank has {bank.shape[1]} dimensions, the backbone gives {expected_dim}"
             )
+        model.global_ = None
+        if "global" in meta:
+            if not config.global_branch:
+                raise PatchCoreError(f"{source}: the model holds a global branch its settings do not ask for: refit")
+            try:
+                model.global_ = GlobalBranch.from_state(meta["global"], dict(state.tensors), bank.shape[1])
+            except PatchCoreError as exc:
+                raise PatchCoreError(f"{source}: {exc}: refit or restore the model") from exc
         model.backbone_ = backbone
         model._use_bank(torch.from_numpy(bank.copy()))
         model.n_train_ = n_train

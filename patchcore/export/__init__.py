@@ -118,7 +118,8 @@ def to_onnx(model: PatchCore) -> Any:
     side = cfg.crop if cfg.crop is not None else cfg.resize
     example = torch.zeros(2, 3, side, side)
     patches = max(1, (side // model.backbone_.feature_info[0].stride) ** 2)  # the finest level's grid
-    graph = PatchCoreGraph(model.backbone_, bank, cfg, channels, patches).to("cpu").eval()  # on its own copy
+    # on its own copy of the backbone
+    graph = PatchCoreGraph(model.backbone_, bank, cfg, channels, patches, model.global_).to("cpu").eval()
     batch = torch.export.Dim("batch", min=1)
     dims: dict[int, Any] = {0: batch}
     if cfg.keep_aspect and cfg.crop is None:  # every image keeps its own aspect: height and width vary

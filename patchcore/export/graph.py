@@ -11,6 +11,8 @@ Every stage is the model's own, in operations every ONNX runtime has:
   at most (patches x chunk_rows) of them exist at once, never a broadcast (patches x bank x D) ``cdist``;
 - the scoring mode (:mod:`patchcore.core.scoring_modes`) and its aggregation, with eq. 7's reweighting:
   the support of the nearest bank row m* is its ``num_neighbors`` nearest bank rows, m* itself first;
+- with a global branch (:mod:`patchcore.detectors.global_branch`), the mean patch feature's Mahalanobis
+  distance on the bank's scale, and the image score the larger of the two;
 - bilinear upsampling to the input size and the Gaussian blur with scipy's reflected borders
   (:mod:`patchcore.core.maps`), the reflection indices computed from the input's own size, so that inputs
   of any size (keep-aspect models) take the same graph.
@@ -30,6 +32,7 @@ from ..config import PatchCoreConfig
 from ..core.features import local_average
 from ..core.maps import gaussian_kernel1d, symmetric_indices
 from ..core.scoring_modes import scoring_rule
+from ..detectors.global_branch import GlobalBranch
 
 # Distances held at once per input image (patches x chunk_rows, 16 MiB of fp32 at most): the graph's
 # largest intermediate stays bounded whatever the bank size.
@@ -65,9 +68,18 @@ class PatchCoreGraph(nn.Module):
     top_k: int
     num_neighbors: int
     least_side: int
+    global_mean: torch.Tensor
+    global_scale: torch.Tensor
+    global_precision: torch.Tensor
 
     def __init__(
-        self, backbone: Backbone, bank: torch.Tensor, config: PatchCoreConfig, feature_channels: list[int], patches: int
+        self,
+        backbone: Backbone,
+        bank: torch.Tensor,
+        config: PatchCoreConfig,
+        feature_channels: list[int],
+        patches: int,
+        global_branch: GlobalBranch | None = None,
     ) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(backbone)
@@ -93,6 +105,14 @@ class PatchCoreGraph(nn.Module):
                 self.level_pooling.append(nn.Parameter(pooling_matrix(channels, config.target_dim), False))
             joined = config.target_dim * len(feature_channels)
             self.final_pooling = nn.Parameter(pooling_matrix(joined, config.target_dim), False)
+        self.has_global = global_branch is not None
+        if global_branch is not None:
+            if global_branch.affine is None:
+                raise ValueError("the global branch is not calibrated")
+            gaussian = global_branch.gaussian
+            for name, value in (("mean", gaussian.mean), ("scale", gaussian.scale), ("precision", gaussian.precision)):
+                self.register_buffer(f"global_{name}", torch.as_tensor(value, dtype=torch.float32))
+            self.global_offset, self.global_slope = (float(v) for v in global_branch.affine)
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, h, w, D), as :func:`patchcore.core.features.patch_features`."""
@@ -169,6 +189,10 @@ class PatchCoreGraph(nn.Module):
         if self.reweight:
             worst = feats.reshape(batch, h * w, dim).gather(1, top[:, :, None].expand(batch, 1, dim))[:, 0]
             image = image * self.reweighting(worst, nearest.gather(1, top)[:, 0])
+        if self.has_global:
+            q = (feats.reshape(batch, h * w, dim).mean(dim=1) - self.global_mean) / self.global_scale
+            distance = ((q @ self.global_precision) * q).sum(dim=1).clamp_min(0.0).sqrt()
+            image = torch.maximum(image, self.global_offset + self.global_slope * distance)
         up = F.interpolate(scores.reshape(batch, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return image, self.blur(up)
 
