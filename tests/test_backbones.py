@@ -30,9 +30,11 @@ def test_packaged_weights_classify_a_real_cat(variant):
 
 def test_efficientnet_feature_info_and_partial_compute():
     backbone = create_backbone("efficientnet_lite0")
-    assert [(i.channels, i.stride) for i in backbone.feature_info] == [(40, 8), (80, 16)]
+    assert [(i.channels, i.stride) for i in backbone.feature_info] == [(40, 8)]  # blocks.2, the default
     assert backbone.mean == (0.5, 0.5, 0.5)
     assert len(backbone.weights_sha256) == 64
+    backbone = create_backbone("efficientnet_lite0", ("blocks.2", "blocks.3"))
+    assert [(i.channels, i.stride) for i in backbone.feature_info] == [(40, 8), (80, 16)]
     maps = backbone(torch.zeros(2, 3, 64, 64))
     assert [tuple(m.shape) for m in maps] == [(2, 40, 8, 8), (2, 80, 4, 4)]
 
