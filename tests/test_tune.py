@@ -11,6 +11,7 @@ from helpers import run_cli
 from patchcore import PatchCoreError
 from patchcore.tune import DEFECTS, Candidate, make_defects, pick, tune
 from patchcore.tune.defects import smooth_noise
+from patchcore.tune.search import auroc_standard_error
 from synthetic import SMALL, texture
 
 
@@ -52,9 +53,22 @@ def test_pick_takes_the_cheapest_of_the_near_best():
         pick(rows[3:])
 
 
+def test_pick_keeps_the_defaults_unless_beaten_by_more_than_the_noise():
+    se = auroc_standard_error(0.95, 40, 40)
+    assert 0.02 < se < 0.03 and auroc_standard_error(1.0, 40, 40) == 0.0
+    assert auroc_standard_error(0.95, 400, 400) < se / 3  # more images, less noise
+    best = Candidate("best", {}, 0.95, fit_seconds=1, predict_seconds_per_image=0.01, standard_error=se)
+    near = Candidate("default", {}, 0.95 - se, fit_seconds=9, predict_seconds_per_image=0.1, standard_error=se)
+    far = Candidate("default", {}, 0.95 - 2 * se, fit_seconds=9, predict_seconds_per_image=0.1, standard_error=se)
+    assert pick([best, near]).name == "default"  # within the noise: the defaults, though slower
+    assert pick([best, far]).name == "best"
+    assert pick([best, Candidate("default", {}, error="boom")]).name == "best"
+
+
 def test_tune_scores_the_grid_and_fits_the_pick(images):
     grid = {"single": {}, "global": {"global_layers": ["blocks.2"]}, "bad": {"layers": ["blocks.99"]}}
-    detector, candidates, chosen = tune(images, dict(SMALL), given=list(SMALL), grid=grid)
+    base = {k: v for k, v in SMALL.items() if k != "layers"}  # the candidates choose the layers
+    detector, candidates, chosen = tune(images, base, given=list(base), grid=grid)
     assert [c.name for c in candidates] == ["single", "global", "bad"]
     assert candidates[2].error is not None and chosen.name != "bad"
     for c in candidates[:2]:
@@ -71,8 +85,8 @@ def test_tune_command_writes_the_model_and_the_table(mvtec_dir, tmp_path):
         "-o",
         model,
         "--grid",
-        "single",
-        "global",
+        "default",
+        "bank-only",
         "--resize",
         "64",
         "--crop",
@@ -85,7 +99,7 @@ def test_tune_command_writes_the_model_and_the_table(mvtec_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "<- chosen" in done.stdout
     rows = list(csv.DictReader((tmp_path / "tuned.tune.csv").open()))
-    assert [r["name"] for r in rows] == ["single", "global"] and sum(r["chosen"] == "true" for r in rows) == 1
+    assert [r["name"] for r in rows] == ["default", "bank-only"] and sum(r["chosen"] == "true" for r in rows) == 1
     assert patchcore.load(model).config.resize == 64
     bad = run_cli("tune", mvtec_dir, "-o", model, "--holdout-share", "1.5")
     assert bad.returncode == 1 and "holdout-share" in bad.stderr
