@@ -37,13 +37,14 @@ PEERS = {
     "coreset_ratio": 0.1,
     "normalization": "imagenet",
     "scoring": "paper",
+    "global_branch": False,
 }
 # name -> PatchCoreConfig fields; "defaults" is whatever the package's defaults are when the script runs
-# and every candidate of tune's grid under its name ("single" is "defaults")
+# and every candidate of tune's grid under its name ("default" is "defaults")
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "peers": PEERS,
-    **{name: settings for name, settings in GRID.items() if name != "single"},
+    **{name: settings for name, settings in GRID.items() if name != "default"},
 }
 COLUMNS = [
     "data",
@@ -120,7 +121,7 @@ def tune_check(real_rows: list[dict[str, Any]], seed: int = 0, batch_size: int |
     from patchcore.tune.search import pick
 
     dataset = open_dataset("textile")
-    real = {("single" if r["setting"] == "defaults" else r["setting"]): r["image_auroc"] for r in real_rows}
+    real = {("default" if r["setting"] == "defaults" else r["setting"]): r["image_auroc"] for r in real_rows}
     grid = {name: settings for name, settings in GRID.items() if name in real}
     candidates = evaluate_grid(
         dataset.train, grid, lambda settings: build(settings, dataset.train, batch_size=batch_size), seed=seed

@@ -36,6 +36,7 @@ SETTINGS = {
         normalization="imagenet",
         scoring="paper",
         image_top_k=1,
+        global_branch=False,
     ),
 }
 # stage -> (file suffix, function name) pairs whose cumulative time it is (the first one found counts)

@@ -32,7 +32,12 @@ from patchcore.datasets import textile
 SETTINGS = {
     "default": PatchCoreConfig(),
     "peers": PatchCoreConfig(
-        resize=256, crop=224, layers=("blocks.2", "blocks.4"), coreset_ratio=0.1, normalization="imagenet"
+        resize=256,
+        crop=224,
+        layers=("blocks.2", "blocks.4"),
+        coreset_ratio=0.1,
+        normalization="imagenet",
+        global_branch=False,
     ),
 }
 

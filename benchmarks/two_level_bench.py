@@ -4,9 +4,10 @@ Usage:
     python benchmarks/two_level_bench.py [--images 250 1000] [--bank FILE.npy] [--save-bank FILE.npy]
         [--exact-rows N] [--skip-exact]
 
-Real patch features: the defaults' (EfficientNet-Lite0 blocks.2 + blocks.3 at 384 px, 2,304 rows of 120
-dimensions per image) of the first N textile nominal images, extracted once for the largest N (or read from
-``--bank``, a ``(rows, 120)`` float32 .npy such as one written by ``--save-bank``). For each N, at the default
+Real patch features: the defaults' (EfficientNet-Lite0 at 384 px, 2,304 rows per image: 40 dimensions of
+blocks.2 since 2026-12-02, 120 of blocks.2 + blocks.3 before) of the first N textile nominal images, extracted
+once for the largest N (or read from ``--bank``, a ``(rows, D)`` float32 .npy such as one written by
+``--save-bank``). For each N, at the default
 1% coreset, seed 0, one BLAS thread for both selections (as fit runs them), prints ``name: value`` lines:
 
 * ``seconds_exact_nN``: ``greedy_coreset`` over the whole bank (what ``exact_coreset_rows=None`` does);
@@ -39,7 +40,7 @@ ROWS_PER_IMAGE = 48 * 48  # the defaults' feature grid at 384 px (stride 8)
 
 
 def textile_bank(n_images: int) -> np.ndarray:
-    """``(n_images * 2304, 120)`` float32 patch features of the first textile nominal images, at the defaults."""
+    """``(n_images * 2304, D)`` float32 patch features of the first textile nominal images, at the defaults."""
     import conformal_clip_data as ccd
 
     from patchcore import PatchCore
@@ -48,13 +49,8 @@ def textile_bank(n_images: int) -> np.ndarray:
     paths = sorted(str(Path(folder) / f) for f in os.listdir(folder) if f.lower().endswith((".jpg", ".png")))
     model = PatchCore(seed=0, batch_size=32)
     backbone = model._make_backbone()
-    bank = np.empty((n_images * ROWS_PER_IMAGE, 120), dtype=np.float32)
-    filled = 0
-    for feats, _ in model._features(paths[:n_images], backbone, "features"):
-        rows = feats.reshape(-1, feats.shape[-1]).numpy()
-        bank[filled : filled + len(rows)] = rows
-        filled += len(rows)
-    assert filled == len(bank), (filled, len(bank))
+    bank = np.concatenate([batch.rows.numpy() for batch in model._features(paths[:n_images], backbone, "features")])
+    assert len(bank) == n_images * ROWS_PER_IMAGE, (len(bank), n_images)
     return bank
 
 

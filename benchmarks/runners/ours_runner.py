@@ -48,6 +48,7 @@ class OursAdapter:
                 scoring=scoring,
                 target_dim=job.get("target_dim"),
                 image_top_k=1,
+                global_branch=False,  # the peers score with the bank alone
                 seed=job["seed"],
                 **extra,
             )
