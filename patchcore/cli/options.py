@@ -99,6 +99,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 help="multi-level: an image-level branch, a Gaussian of the images' mean features of these layers, "
                 "for global texture changes, e.g. blocks.2 (default: none)",
             )
+        elif field.name == "global_branch":
+            kwargs.update(
+                action=argparse.BooleanOptionalAction,
+                help="an image-level branch beside the bank, a Gaussian of each image's mean patch feature, for "
+                "global texture changes; holds calibration-share of the images out of the bank (default: on; "
+                "--no-global-branch: the bank alone, the paper's method)",
+            )
         elif field.name == "image_top_k":
             kwargs.update(
                 type=_optional_int,
