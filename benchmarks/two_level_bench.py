@@ -63,6 +63,12 @@ def main() -> None:
         "--exact-rows", type=int, default=two_level.EXACT_ROWS, help="0 forces the two-level greedy at any size"
     )
     ap.add_argument("--skip-exact", action="store_true", help="two-level only (no exact greedy, no radius ratio)")
+    ap.add_argument(
+        "--oversampling",
+        type=float,
+        default=two_level.OVERSAMPLING,
+        help=f"rows a shard keeps, as a multiple of its share of the coreset (default {two_level.OVERSAMPLING})",
+    )
     args = ap.parse_args()
 
     n_max = max(args.images)
@@ -77,7 +83,7 @@ def main() -> None:
             np.save(args.save_bank, bank)
     print(f"exact_rows: {args.exact_rows}")
     print(f"shard_rows: {two_level.SHARD_ROWS}")
-    print(f"oversampling: {two_level.OVERSAMPLING}", flush=True)
+    print(f"oversampling: {args.oversampling}", flush=True)
     for n_images in sorted(args.images):
         x = bank[: n_images * ROWS_PER_IMAGE]
         k = coreset_size(len(x), 0.01)
@@ -87,7 +93,10 @@ def main() -> None:
 
         started = time.perf_counter()
         stream = two_level.TwoLevelCoreset(
-            x.shape[1], two_level.shard_keep(0.01, exact_rows=args.exact_rows), exact_rows=args.exact_rows, seed=0
+            x.shape[1],
+            two_level.shard_keep(0.01, oversampling=args.oversampling, exact_rows=args.exact_rows),
+            exact_rows=args.exact_rows,
+            seed=0,
         )
         batch = 32 * ROWS_PER_IMAGE
         for a in range(0, len(x), batch):
