@@ -33,7 +33,7 @@ def input_means(batch: FeatureBatch) -> np.ndarray:
     """(B, D) float32: per model input of ``batch`` the mean of its patch features (rows)."""
     if len(set(batch.grids)) == 1:
         h, w = batch.grids[0]
-        means = batch.rows.view(len(batch), h * w, -1).mean(dim=1)
+        means = batch.rows.reshape(len(batch), h * w, -1).mean(dim=1)
     else:
         means = torch.stack([part.mean(dim=0) for part in batch.split(batch.rows)])
     return means.float().cpu().numpy()
