@@ -69,6 +69,9 @@ def main() -> None:
         default=two_level.OVERSAMPLING,
         help=f"rows a shard keeps, as a multiple of its share of the coreset (default {two_level.OVERSAMPLING})",
     )
+    ap.add_argument(
+        "--shard-rows", type=int, default=two_level.SHARD_ROWS, help=f"rows per shard (default {two_level.SHARD_ROWS})"
+    )
     args = ap.parse_args()
 
     n_max = max(args.images)
@@ -82,7 +85,7 @@ def main() -> None:
         if args.save_bank:
             np.save(args.save_bank, bank)
     print(f"exact_rows: {args.exact_rows}")
-    print(f"shard_rows: {two_level.SHARD_ROWS}")
+    print(f"shard_rows: {args.shard_rows}")
     print(f"oversampling: {args.oversampling}", flush=True)
     for n_images in sorted(args.images):
         x = bank[: n_images * ROWS_PER_IMAGE]
@@ -94,8 +97,11 @@ def main() -> None:
         started = time.perf_counter()
         stream = two_level.TwoLevelCoreset(
             x.shape[1],
-            two_level.shard_keep(0.01, oversampling=args.oversampling, exact_rows=args.exact_rows),
+            two_level.shard_keep(
+                0.01, oversampling=args.oversampling, exact_rows=args.exact_rows, shard_rows=args.shard_rows
+            ),
             exact_rows=args.exact_rows,
+            shard_rows=args.shard_rows,
             seed=0,
         )
         batch = 32 * ROWS_PER_IMAGE
