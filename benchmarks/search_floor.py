@@ -25,21 +25,11 @@ import argparse
 
 import torch
 
-from patchcore import PatchCore
-from patchcore.config import PatchCoreConfig
-from patchcore.datasets import textile
+# the banks predict_profile.py profiles: the same settings, so the floors and the profile describe one search
+from predict_profile import SETTINGS
 
-SETTINGS = {
-    "default": PatchCoreConfig(),
-    "peers": PatchCoreConfig(
-        resize=256,
-        crop=224,
-        layers=("blocks.2", "blocks.4"),
-        coreset_ratio=0.1,
-        normalization="imagenet",
-        global_branch=False,
-    ),
-}
+from patchcore import PatchCore
+from patchcore.datasets import textile
 
 
 def kmeans(bank: torch.Tensor, clusters: int, seed: int = 0, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
