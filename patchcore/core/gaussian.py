@@ -76,3 +76,30 @@ def matching_affine(target: np.ndarray, source: np.ndarray) -> tuple[float, floa
         raise ValueError("the source scores do not vary: no scale to match")
     slope = float(target.std()) / spread
     return float(target.mean() - slope * source.mean()), slope
+
+
+def robust_affine(target: np.ndarray, source: np.ndarray, anchor: float = 25.0) -> tuple[float, float]:
+    """(offset, slope) with ``offset + slope * source`` of the interquartile range of ``target``, and its
+    ``anchor`` percentile (25: the quartiles coincide; 90: the upper tails meet where a maximum decides).
+
+    Both 1-d with at least 2 values, scores of the same held-out good images (or their map pixels): how a
+    single-bank model puts its global branch (anchor 25) and its coarse bank (anchor 90) onto the bank's score
+    scale. Quartiles, not the mean and standard deviation: distances have long upper tails, and a few held-out
+    images far out would otherwise set the scale (README, "Accuracy").
+
+    >>> robust_affine(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([10.0, 20.0, 30.0, 40.0, 50.0]))
+    (0.0, 0.1)
+    """
+    target, source = np.asarray(target, dtype=np.float64), np.asarray(source, dtype=np.float64)
+    if target.ndim != 1 or source.ndim != 1 or min(target.shape[0], source.shape[0]) < 2:
+        raise ValueError(f"robust_affine needs two 1-d score arrays of 2 or more, got {target.shape}, {source.shape}")
+    if not 0 <= anchor <= 100:
+        raise ValueError(f"anchor={anchor} must be a percentile in [0, 100]")
+    (t25, t75, t_anchor), (s25, s75, s_anchor) = (
+        np.percentile(target, [25, 75, anchor]),
+        np.percentile(source, [25, 75, anchor]),
+    )
+    if not s75 - s25 > 1e-12 * max(1.0, abs(s25), abs(s75)):
+        raise ValueError("the source scores' quartiles coincide: no scale to match")
+    slope = float((t75 - t25) / (s75 - s25))
+    return float(t_anchor - slope * s_anchor), slope

@@ -3,9 +3,9 @@
 A global texture change (a finer weave, a colour cast) raises every patch's distance to the bank a little
 and none of them much, so the bank's image score hardly moves; the image's mean feature moves off the good
 images' cloud. The branch models that cloud (:mod:`patchcore.core.gaussian`) and scores an input by its
-Mahalanobis distance, put onto the bank's score scale by :func:`~patchcore.core.gaussian.matching_affine`
-on held-out good images, so that the image score is simply the larger of the two. It reuses the bank's own
-patch features: no backbone work of its own.
+Mahalanobis distance, put onto the bank's score scale by :func:`~patchcore.core.gaussian.robust_affine`
+on held-out good images (their quartiles), so that the image score is simply the larger of the two. It
+reuses the bank's own patch features: no backbone work of its own.
 
 The training inputs' mean features are kept (``features``, (N, D) float32, a few KiB per image): shards
 merge and ``partial_fit`` extends by refitting the Gaussian over the union.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.gaussian import Gaussian, fit_gaussian, mahalanobis, matching_affine
+from ..core.gaussian import Gaussian, fit_gaussian, mahalanobis, robust_affine
 from ..errors import PatchCoreError
 from .feature_batches import FeatureBatch
 
@@ -67,10 +67,10 @@ class GlobalBranch:
         return mahalanobis(means, self.gaussian)
 
     def calibrated(self, bank_scores: np.ndarray, distances: np.ndarray) -> GlobalBranch | None:
-        """With the affine that gives held-out good inputs' distances their bank scores' mean and spread;
-        None (logged) when there are fewer than 2 or their distances do not vary."""
+        """With the affine that gives held-out good inputs' distances their bank scores' quartiles; None
+        (logged) when there are fewer than 2 or their distances do not vary."""
         try:
-            offset, slope = matching_affine(bank_scores, distances)
+            offset, slope = robust_affine(bank_scores, distances)
         except ValueError as exc:
             logger.warning("the global branch cannot be calibrated (%s): fitted without it", exc)
             return None
