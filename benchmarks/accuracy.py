@@ -38,6 +38,7 @@ PEERS = {
     "normalization": "imagenet",
     "scoring": "paper",
     "global_branch": False,
+    "coarse_branch": False,
 }
 # name -> PatchCoreConfig fields; "defaults" is whatever the package's defaults are when the script runs
 # and every candidate of tune's grid under its name ("default" is "defaults")

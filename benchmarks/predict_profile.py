@@ -37,6 +37,7 @@ SETTINGS = {
         scoring="paper",
         image_top_k=1,
         global_branch=False,
+        coarse_branch=False,
     ),
 }
 # stage -> (file suffix, function name) pairs whose cumulative time it is (the first one found counts)

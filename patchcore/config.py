@@ -24,6 +24,8 @@ COMBINES = ("max", "mean")
 GEOMETRY_FIELDS = ("resize", "crop", "keep_aspect", "tile_size")
 # the settings that make a multi-level model (patchcore.detectors.multilevel); a plain PatchCore has them off
 MULTILEVEL_FIELDS = ("level_sets", "scales", "global_layers")
+# the list-valued settings (tuples in the config, lists in a model file's JSON header)
+LAYER_LISTS = ("layers", "coarse_layers", *MULTILEVEL_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,15 @@ class PatchCoreConfig:
         much. fit holds out calibration_share of the good images, on which the distance is put onto the
         bank's score scale (equal mean and standard deviation); the image score is the larger of the two.
         It costs no backbone work (the bank's own features, averaged). Off: the bank alone, the paper's method.
+    coarse_branch, coarse_layers: a second bank at a coarser input scale (a single-bank model's): the same model
+        inputs average-pooled 2 x 2 (half the resolution), features of coarse_layers (None: the backbone's coarse
+        defaults, for EfficientNet-Lite0 blocks.2 + blocks.3), its own coreset at coreset_ratio. It sees what
+        is large or spread out (uneven regions, long cracks) that the fine bank's small patches miss. Like the
+        global branch it is put onto the bank's score scale on the held-out calibration_share (interquartile ranges
+        matched, upper tails anchored at the 90th percentile: of the image scores, and of the map pixels), and the
+        image score and every map pixel are the larger of the two. Off: the fine bank alone at one scale.
+    input_pool: the model input is average-pooled by this factor before the backbone (1: not at all; 2: features
+        of half the input's resolution); maps stay at the input's size. The coarse bank is a model with 2.
     level_sets, scales, global_layers, combine: a multi-level model (``MultiLevelPatchCore``; all None: a plain
         PatchCore). level_sets: more layer sets, each "+"-joined (e.g. "blocks.2" or "blocks.2+blocks.4"), one
         bank each beside ``layers``; scales: more input sizes (resize), each with every layer set; global_layers:
@@ -120,6 +131,9 @@ class PatchCoreConfig:
     threshold: float | None = None
     pixel_threshold: float | None = None
     global_branch: bool = True
+    coarse_branch: bool = True
+    coarse_layers: tuple[str, ...] | None = None
+    input_pool: int = 1
     level_sets: tuple[str, ...] | None = None
     scales: tuple[int, ...] | None = None
     global_layers: tuple[str, ...] | None = None
@@ -130,7 +144,7 @@ class PatchCoreConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("layers", *MULTILEVEL_FIELDS):
+        for name in LAYER_LISTS:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         _one_of("combine", self.combine, COMBINES)
@@ -187,6 +201,10 @@ class PatchCoreConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise PatchCoreError(f"{name}={value} must be positive (scores are distances)")
+        if not 1 <= self.input_pool <= self.input_size // 16:
+            raise PatchCoreError(
+                f"input_pool={self.input_pool} must lie between 1 and the input size / 16 ({self.input_size // 16})"
+            )
         if self.sigma < 0:
             raise PatchCoreError("sigma must be >= 0 (0 disables smoothing)")
         if self.seed < 0:
@@ -211,7 +229,7 @@ class PatchCoreConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("layers", *MULTILEVEL_FIELDS):
+        for name in LAYER_LISTS:
             if data[name] is not None:
                 data[name] = list(data[name])
         return data
@@ -260,6 +278,9 @@ _LIMITS: dict[str, tuple[str, float | None]] = {
     "threshold": ("float", None),
     "pixel_threshold": ("float", None),
     "global_branch": ("bool", None),
+    "coarse_branch": ("bool", None),
+    "coarse_layers": ("layers", None),
+    "input_pool": ("int", 64),
     "level_sets": ("layers", None),
     "scales": ("ints", 8192),
     "global_layers": ("layers", None),

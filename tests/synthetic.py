@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 # the bank alone at the former default layers: what most tests check is the bank's mechanics (the global
-# branch has its own tests, and needs more images than most of them fit on)
+# branch and the coarse bank have their own tests, and need more images than most of them fit on)
 SMALL = {
     "resize": 64,
     "crop": 56,
@@ -16,6 +16,7 @@ SMALL = {
     "seed": 0,
     "layers": ("blocks.2", "blocks.3"),
     "global_branch": False,
+    "coarse_branch": False,
 }
 
 

@@ -96,6 +96,11 @@ def test_the_export_holds_the_bank_once_and_the_settings(exported):
         if list(t.dims) in shapes and {onnx.numpy_helper.to_array(t).tobytes()} & {bank.tobytes(), bank.T.tobytes()}
     ]
     assert copies == [document["bank"]["initializer"]]
+    coarse = model.coarse_.model.memory_bank_.numpy()  # the coarse bank too, once, and hashed
+    assert [
+        t.name for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).tobytes() == coarse.tobytes()
+    ] == [document["coarse_bank"]["initializer"]]
+    assert document["coarse_bank"]["rows"] == coarse.shape[0]
     assert document["config"] == model.config.to_dict()
     assert document["input"]["mean"] == list(model.normalization_[0])
     assert document["thresholds"] == model.thresholds_.to_dict()
@@ -221,6 +226,17 @@ def test_altered_or_foreign_exports_are_refused(cli_model, tmp_path):
     done = run_cli("predict", onnx_file, folder, "-o", tmp_path / "out", "--device", "cuda")
     one_line_error(done, "--device")
     assert bank["rows"] * bank["dim"] * 4 == len(raw)
+
+
+def test_an_altered_coarse_bank_is_refused(exported, tmp_path):
+    model, path, _, _ = exported
+    data = path.read_bytes()
+    raw = np.ascontiguousarray(model.coarse_.model.memory_bank_.numpy()).tobytes()
+    at = data.index(raw[:64])
+    tampered = tmp_path / "tampered.onnx"
+    tampered.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :])
+    with pytest.raises(PatchCoreError, match="coarse bank's SHA-256"):
+        OnnxDetector.load(tampered)
 
 
 def test_what_cannot_be_exported_is_refused_in_one_line(cli_model, rng_images, tmp_path):

@@ -74,7 +74,7 @@ def test_too_few_images_fit_the_bank_alone(images, caplog):
         small = PatchCore(**BRANCH).fit(images[:6])  # 1 held out: too few to calibrate on
     assert small.global_ is None and small.n_train_ == 6
     assert "too few to calibrate the global branch" in caplog.text
-    off = PatchCore(**BRANCH, global_branch=False).fit(images)
+    off = PatchCore(**BRANCH, global_branch=False, coarse_branch=False).fit(images)
     assert off.global_ is None and off.n_train_ == 12
 
 

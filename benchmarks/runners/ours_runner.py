@@ -48,7 +48,8 @@ class OursAdapter:
                 scoring=scoring,
                 target_dim=job.get("target_dim"),
                 image_top_k=1,
-                global_branch=False,  # the peers score with the bank alone
+                global_branch=False,  # the peers score with the bank alone, at one scale
+                coarse_branch=False,
                 seed=job["seed"],
                 **extra,
             )

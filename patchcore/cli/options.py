@@ -106,6 +106,27 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 "global texture changes; holds calibration-share of the images out of the bank (default: on; "
                 "--no-global-branch: the bank alone, the paper's method)",
             )
+        elif field.name == "coarse_branch":
+            kwargs.update(
+                action=argparse.BooleanOptionalAction,
+                help="a second bank at half the input's resolution (coarse-layers), for large or spread-out "
+                "defects; put onto the bank's scale on the held-out images (default: on; --no-coarse-branch: the "
+                "fine bank alone at one scale)",
+            )
+        elif field.name == "coarse_layers":
+            kwargs.update(
+                nargs="+",
+                metavar="LAYER",
+                help="the coarse bank's layers (default: the backbone's coarse defaults, blocks.2 blocks.3 for "
+                "efficientnet_lite0)",
+            )
+        elif field.name == "input_pool":
+            kwargs.update(
+                type=int,
+                metavar="N",
+                help="average-pool the model input N x N before the backbone (features at 1/N resolution, maps "
+                "at the input's size; default: 1)",
+            )
         elif field.name == "image_top_k":
             kwargs.update(
                 type=_optional_int,
@@ -154,8 +175,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PatchCoreError(f"{file}: expected a mapping of settings, e.g. 'coreset_ratio: 0.1'")
     settings = {str(key).lstrip("-").replace("-", "_"): value for key, value in data.items()}
-    if isinstance(settings.get("layers"), str):
-        settings["layers"] = settings["layers"].split()
+    for name in ("layers", "coarse_layers"):
+        if isinstance(settings.get(name), str):
+            settings[name] = settings[name].split()
     return settings
 
 
@@ -189,6 +211,8 @@ def make_detector(args: argparse.Namespace, train: Sequence[Any] | None = None) 
         return PatchCore(config, **runtime_from_args(args))
     if any(settings.get(name) is not None for name in MULTILEVEL_FIELDS):
         raise PatchCoreError("several backbones and multi-level settings do not combine: choose one backbone")
+    if settings.get("coarse_layers"):
+        raise PatchCoreError("--coarse-layers cannot apply to several backbones: drop it to use each one's defaults")
     if settings.get("layers"):
         raise PatchCoreError("--layers cannot apply to several backbones: drop it to use each backbone's defaults")
     thresholds = {

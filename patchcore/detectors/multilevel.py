@@ -54,6 +54,7 @@ def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
         **dict.fromkeys((*MULTILEVEL_FIELDS, *THRESHOLD_FIELDS)),
         global_resize=PatchCoreConfig.global_resize,
         global_branch=False,  # the multi-level model's image-level branch is its own (global_layers)
+        coarse_branch=False,  # and its scales are its own (scales)
     )
     layer_sets: list[tuple[str, ...] | None] = [config.layers]
     layer_sets += [tuple(entry.split("+")) for entry in config.level_sets or ()]

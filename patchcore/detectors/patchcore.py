@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_spec, create_backbone
 from ..config import PatchCoreConfig
@@ -48,6 +49,7 @@ from ..persistence import DetectorState, state_from_bytes
 from ..persistence.model_file import SINGLE_KIND
 from ..search import SEARCH_BACKENDS, build_index
 from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, not_fitted
+from .coarse_branch import CoarseBranch, coarse_config
 from .explain import (
     NOT_RECORDED,
     SOURCE_COLUMNS,
@@ -81,7 +83,8 @@ class PatchCore(Detector):
 
     Learned state: ``backbone_``, ``memory_bank_`` (M, D), ``feature_shape_`` (h, w of the feature grid),
     ``n_train_``, ``fit_stats_``, ``thresholds_``, ``global_`` (the image-level branch,
-    :class:`~patchcore.detectors.global_branch.GlobalBranch`; None without one); ``bank_source_`` ((M, 8)
+    :class:`~patchcore.detectors.global_branch.GlobalBranch`; None without one), ``coarse_`` (the coarse bank,
+    :class:`~patchcore.detectors.coarse_branch.CoarseBranch`; None without one); ``bank_source_`` ((M, 8)
     int32, where each bank row came from, see :data:`~patchcore.detectors.explain.SOURCE_COLUMNS`; None for
     model files that predate it) and ``train_paths_`` (the training images' paths relative to the data
     folder, None for arrays).
@@ -135,10 +138,10 @@ class PatchCore(Detector):
     def fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCore:
         """Build the memory bank from good images and subsample it to the coreset. Returns self.
 
-        With ``global_branch`` or ``threshold_fpr`` (and no manual ``threshold``), a seeded
-        ``calibration_share`` of the images is held out of the bank: it puts the global branch onto the bank's
-        score scale and sets the thresholds (:meth:`calibrate`). ``root``: the data folder; the model records the
-        image files' paths relative to it (else to their common folder) for :meth:`explain`.
+        With ``global_branch``, ``coarse_branch`` or ``threshold_fpr`` (and no manual ``threshold``), a seeded
+        ``calibration_share`` of the images is held out of the banks: it puts the global branch and the coarse
+        bank onto the bank's score scale and sets the thresholds (:meth:`calibrate`). ``root``: the data folder;
+        the model records the image files' paths relative to it (else to their common folder) for :meth:`explain`.
         """
         images = list(images)
         if not images:
@@ -153,8 +156,8 @@ class PatchCore(Detector):
         root: str | os.PathLike | None,
         shard: bool = False,
     ) -> PatchCore:
-        """Bank (and global branch) from ``images``; branch calibration and thresholds from ``calibration``
-        (a ``shard``'s branch stays uncalibrated until the shards merge)."""
+        """Bank (global branch, coarse bank) from ``images``; their calibration and the thresholds from
+        ``calibration`` (a ``shard``'s branches stay uncalibrated until the shards merge)."""
         cfg = self.config
         started = time.perf_counter()
         backbone = self._make_backbone()
@@ -175,10 +178,13 @@ class PatchCore(Detector):
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
         self.global_ = GlobalBranch.fit(np.concatenate(means)) if means else None
+        self.coarse_ = self._fit_coarse(images, root, shard) if cfg.coarse_branch else None
         if not shard:
-            self._calibrate_global(calibration)
+            self._calibrate_branches(calibration)
         self._set_thresholds(calibration)
         self.fit_stats_ = {**stats, "fit_seconds": time.perf_counter() - started}
+        if self.coarse_ is not None:
+            self.fit_stats_["coarse_seconds"] = self.coarse_.model.fit_stats_["fit_seconds"]
         logger.info("memory bank: %d of %d patch features kept", coreset.shape[0], stats["full_bank_size"])
         return self
 
@@ -189,20 +195,42 @@ class PatchCore(Detector):
                 into.append(input_means(batch))
             yield batch
 
-    def _calibrate_global(self, calibration: Sequence[ImageLike]) -> None:
-        """Put the global branch onto the bank's score scale with the held-out good ``calibration`` images;
-        without at least 2 of them the model has no branch (see :meth:`calibration_split`)."""
-        if self.global_ is None:
+    def _fit_coarse(self, images: list[ImageLike], root: str | os.PathLike | None, shard: bool) -> CoarseBranch:
+        """The coarse bank of ``images`` (uncalibrated). Where its rows came from is not kept: explain() shows
+        the fine bank's patches."""
+        model = PatchCore(coarse_config(self.config), **self._runtime())
+        model._fit(images, [], root, shard=True)
+        model.bank_source_, model.train_paths_ = None, []
+        return CoarseBranch(model)
+
+    def _runtime(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RUNTIME}
+
+    def _calibrate_branches(self, calibration: Sequence[ImageLike]) -> None:
+        """Put the global branch and the coarse bank onto the bank's score scale with the held-out good
+        ``calibration`` images; without at least 2 of them the model has neither (see :meth:`calibration_split`)."""
+        if self.global_ is None and self.coarse_ is None:
             return
         if len(calibration) < 2:
-            self.global_ = None
+            self.global_ = self.coarse_ = None
             return
-        bank, means = [], []
-        for batch in self._features(list(calibration), self.backbone_, "calibrating the global branch"):
+        cfg = self.config
+        calibration = list(calibration)
+        bank: list[float] = []
+        means, maps = [], []
+        for batch in self._features(calibration, self.backbone_, "calibrating the branches"):
             with torch.inference_mode():
-                bank += self._bank_scores(batch)
+                scores, nearest = patch_scores(batch.rows, self._index, cfg.scoring, cfg.k)
+                bank += self._bank_scores(batch, scores, nearest)
+                if self.coarse_ is not None:
+                    maps += batch_maps(scores, batch, cfg.sigma)
             means.append(input_means(batch))
-        self.global_ = self.global_.calibrated(np.array(bank), self.global_.distances(np.concatenate(means)))
+        if self.global_ is not None:
+            self.global_ = self.global_.calibrated(np.array(bank), self.global_.distances(np.concatenate(means)))
+        if self.coarse_ is not None:
+            coarse = list(self.coarse_.model._input_results(calibration, maps=True))
+            coarse_maps = [amap for _, amap, _, _ in coarse if amap is not None]
+            self.coarse_ = self.coarse_.calibrated(np.array(bank), maps, np.array([c[0] for c in coarse]), coarse_maps)
 
     def _set_thresholds(self, calibration: Sequence[ImageLike]) -> None:
         """The thresholds after a fit: by hand, or from the held-out ``calibration`` images."""
@@ -214,18 +242,20 @@ class PatchCore(Detector):
     # ------------------------------------------------------------------ fitting in shards (distributed)
     def calibration_split(self, images: Sequence[ImageLike]) -> tuple[list[ImageLike], list[ImageLike]]:
         """(the images ``fit`` puts into the bank, those it holds out for calibration): a seeded
-        ``calibration_share`` with ``threshold_fpr`` (and no manual ``threshold``) or with ``global_branch`` (when
-        that leaves at least 2 to calibrate it on, else none: the branch is then left out), else none."""
+        ``calibration_share`` with ``threshold_fpr`` (and no manual ``threshold``) or with ``global_branch`` or
+        ``coarse_branch`` (when that leaves at least 2 to calibrate them on, else none: the branches are then left
+        out), else none."""
         images = list(images)
         cfg = self.config
         thresholds = cfg.threshold_fpr is not None and cfg.threshold is None
-        if not thresholds and (not cfg.global_branch or len(images) < 2):
+        branches = cfg.global_branch or cfg.coarse_branch
+        if not thresholds and (not branches or len(images) < 2):
             return images, []
         keep, held_out = split_calibration(len(images), cfg.calibration_share, cfg.seed)
         if not thresholds and len(held_out) < 2:
             logger.debug(
-                "%d training image(s) leave too few to calibrate the global branch on: fitted without it; "
-                "add good images or raise calibration_share",
+                "%d training image(s) leave too few to calibrate the global branch and the coarse bank on: fitted "
+                "without them; add good images or raise calibration_share",
                 len(images),
             )
             return images, []
@@ -239,8 +269,7 @@ class PatchCore(Detector):
         cfg = self.config
         ratio = min(1.0, cfg.coreset_ratio * max(1, int(n_shards)))
         part_config = cfg.replace(coreset_ratio=ratio, threshold_fpr=None, threshold=None, pixel_threshold=None)
-        runtime = {name: getattr(self, name) for name in RUNTIME}
-        return [PatchCore(part_config, **runtime)._fit(list(images), [], None, shard=True).to_bytes()]
+        return [PatchCore(part_config, **self._runtime())._fit(list(images), [], None, shard=True).to_bytes()]
 
     def merge_shards(self, parts: Sequence[Sequence[bytes]], calibration: Sequence[ImageLike]) -> PatchCore:
         """Fit from the shards' banks (:meth:`fit_shard`): the greedy coreset over their union, of the size one
@@ -249,16 +278,23 @@ class PatchCore(Detector):
         Returns self."""
         if not parts:
             raise PatchCoreError("no shards to merge: fit needs at least one good image")
-        cfg = self.config
-        started = time.perf_counter()
-        banks, means, seen, n_train = [], [], 0, 0
-        feature_shape: tuple[int, int] | None = None
+        states = []
         for i, part in enumerate(parts):
             if len(part) != 1:
                 raise PatchCoreError(f"shard {i} holds {len(part)} banks: a PatchCore model has one")
             state = state_from_bytes(part[0], source=f"shard {i}", verify_signature=False)
             if state.kind != self.kind:
                 raise PatchCoreError(f"shard {i} holds a {state.kind}, not a {self.kind}")
+            states.append(state)
+        return self._merge_states(states, calibration)
+
+    def _merge_states(self, states: list[DetectorState], calibration: Sequence[ImageLike]) -> PatchCore:
+        """:meth:`merge_shards` on the shards' states (a coarse bank merges its shards' coarse banks so)."""
+        cfg = self.config
+        started = time.perf_counter()
+        banks, means, seen, n_train = [], [], 0, 0
+        feature_shape: tuple[int, int] | None = None
+        for state in states:
             train = header_dict(state.meta, "train")
             banks.append(torch.from_numpy(np.asarray(state.tensors["memory_bank"], dtype=np.float32)))
             if cfg.global_branch and "global.features" in state.tensors:
@@ -278,13 +314,18 @@ class PatchCore(Detector):
         self.feature_shape_ = feature_shape or (1, 1)
         self.n_train_ = n_train
         self.global_ = GlobalBranch.fit(np.concatenate(means)) if means else None
-        self._calibrate_global(calibration)
+        self.coarse_ = None
+        if cfg.coarse_branch:
+            coarse = PatchCore(coarse_config(cfg), **self._runtime())
+            coarse._merge_states([CoarseBranch.shard_state(state) for state in states], [])
+            self.coarse_ = CoarseBranch(coarse)
+        self._calibrate_branches(calibration)
         self._set_thresholds(calibration)
         self.fit_stats_ = {  # the merge's own; the shards' work ran elsewhere (the engine times it)
             "coreset_seconds": coreset_seconds,
             "fit_seconds": time.perf_counter() - started,
             "full_bank_size": seen,
-            "shards": len(parts),
+            "shards": len(states),
             "union_size": int(union.shape[0]),
         }
         logger.info("memory bank: %d of the shards' %d rows kept (%d patches seen)", n_select, union.shape[0], seen)
@@ -328,6 +369,9 @@ class PatchCore(Detector):
         self.n_train_ += len(images)
         if self.global_ is not None and means:  # the Gaussian takes the new images in; its scale is kept
             self.global_ = self.global_.extended(np.concatenate(means))
+        if self.coarse_ is not None:  # the coarse bank grows alike; its affines are kept, like the thresholds
+            self.coarse_.model.partial_fit(images)
+            self.coarse_.model.bank_source_, self.coarse_.model.train_paths_ = None, []
         self.fit_stats_ = {
             "feature_seconds": feature_seconds,
             "coreset_seconds": time.perf_counter() - started - feature_seconds,
@@ -580,7 +624,10 @@ class PatchCore(Detector):
 
         def extract(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return patch_features(backbone(x.to(self.device)), cfg.patch_size, cfg.target_dim)
+                x = x.to(self.device)
+                if cfg.input_pool > 1:  # a coarser scale (the coarse bank); maps stay at the input's size
+                    x = F.avg_pool2d(x, cfg.input_pool)
+                return patch_features(backbone(x), cfg.patch_size, cfg.target_dim)
 
         def pixels(item: tuple[torch.Tensor, Geometry | TiledGeometry, bool]) -> int:
             return int(item[0].shape[-2] * item[0].shape[-1])
@@ -618,13 +665,32 @@ class PatchCore(Detector):
 
         The map is (S, S) (S = crop or resize); with keep_aspect and no crop, the resized image's (H, W);
         with tiling, the tiles' maps stitched at the scaled image's size and the score the tiles' maximum.
-        With a global branch, an input's score is the larger of the bank's and the branch's (the map is the bank's).
+        With a global branch, an input's score is the larger of the bank's and the branch's; with a coarse bank,
+        the score and every map pixel are the larger of the fine bank's and the coarse bank's.
         """
         self._check_fitted()
-        cfg = self.config
         tile_scores: list[float] = []
         tile_maps: list[np.ndarray] = []
-        for batch in self._features(list(images), self.backbone_, "scoring"):
+        for score, amap, geometry, last in self._input_results(images, maps):
+            if not isinstance(geometry, TiledGeometry):
+                yield Inference(score, amap, geometry)
+                continue
+            tile_scores.append(score)
+            if amap is not None:
+                tile_maps.append(amap)
+            if last:
+                yield Inference(max(tile_scores), stitch_maps(tile_maps, geometry) if maps else None, geometry)
+                tile_scores, tile_maps = [], []
+
+    def _input_results(
+        self, images: Sequence[ImageLike], maps: bool
+    ) -> Iterator[tuple[float, np.ndarray | None, Geometry | TiledGeometry, bool]]:
+        """Per model input (an image, or a tile), in order: (score, map at input size or None, its image's
+        geometry, whether it is its image's last input), the branches combined in."""
+        cfg = self.config
+        images = list(images)
+        coarse = self.coarse_.model._input_results(images, maps) if self.coarse_ is not None else None
+        for batch in self._features(images, self.backbone_, "scoring"):
             with torch.inference_mode():
                 # one search for every patch of every input in the batch, whatever their shapes
                 scores, nearest = patch_scores(batch.rows, self._index, cfg.scoring, cfg.k)
@@ -632,18 +698,15 @@ class PatchCore(Detector):
                 batch_scores = self._bank_scores(batch, scores, nearest)
                 if self.global_ is not None:
                     batch_scores = self.global_.combined(batch_scores, input_means(batch))
-                for i, (geometry, last) in enumerate(batch.owners):
-                    score = batch_scores[i]
-                    amap = input_maps[i] if input_maps is not None else None
-                    if not isinstance(geometry, TiledGeometry):
-                        yield Inference(score, amap, geometry)
-                        continue
-                    tile_scores.append(score)
-                    if amap is not None:
-                        tile_maps.append(amap)
-                    if last:
-                        yield Inference(max(tile_scores), stitch_maps(tile_maps, geometry) if maps else None, geometry)
-                        tile_scores, tile_maps = [], []
+            for i, (geometry, last) in enumerate(batch.owners):
+                score = batch_scores[i]
+                amap = input_maps[i] if input_maps is not None else None
+                if coarse is not None and self.coarse_ is not None:
+                    coarse_score, coarse_map, _, _ = next(coarse)
+                    score = self.coarse_.combined(score, coarse_score)
+                    if amap is not None and coarse_map is not None:
+                        amap = self.coarse_.combined_map(amap, coarse_map)
+                yield score, amap, geometry, last
 
     def _bank_scores(
         self, batch: FeatureBatch, scores: torch.Tensor | None = None, nearest: torch.Tensor | None = None
@@ -684,6 +747,9 @@ class PatchCore(Detector):
         if self.global_ is not None:
             meta["global"] = self.global_.meta()
             tensors.update(self.global_.tensors())
+        if self.coarse_ is not None:
+            meta["coarse"] = self.coarse_.meta()
+            tensors.update(self.coarse_.tensors())
         if self.bank_source_ is not None:  # optional: files without it load, and explain() says "not recorded"
             tensors["bank_source"] = self.bank_source_.copy()
             meta["train_paths"] = list(self.train_paths_)
@@ -703,10 +769,10 @@ class PatchCore(Detector):
         if unknown:
             raise PatchCoreError(f"unknown runtime setting(s) {', '.join(unknown)}: use {', '.join(RUNTIME)}")
         try:
-            check_keys(meta, {"config", "backbone", "train", "thresholds", "train_paths", "global"}, "model")
+            check_keys(meta, {"config", "backbone", "train", "thresholds", "train_paths", "global", "coarse"}, "model")
             stored = header_dict(meta, "config")
-            # files from before the global branch have no such setting, and no branch
-            config = PatchCoreConfig.from_dict({"global_branch": False, **stored})
+            # files from before the global branch or the coarse bank have no such setting, and no such part
+            config = PatchCoreConfig.from_dict({"global_branch": False, "coarse_branch": False, **stored})
             recorded, train = header_dict(meta, "backbone"), header_dict(meta, "train")
             check_keys(recorded, {"name", "layers", "weights_sha256"}, "backbone")
             check_keys(train, {"n_train", "feature_shape", "full_bank_size", "seed"}, "train")
@@ -766,6 +832,20 @@ class PatchCore(Detector):
                 raise PatchCoreError(f"{source}: the model holds a global branch its settings do not ask for: refit")
             try:
                 model.global_ = GlobalBranch.from_state(meta["global"], dict(state.tensors), bank.shape[1])
+            except PatchCoreError as exc:
+                raise PatchCoreError(f"{source}: {exc}: refit or restore the model") from exc
+        model.coarse_ = None
+        if "coarse" in meta:
+            if not config.coarse_branch:
+                raise PatchCoreError(f"{source}: the model holds a coarse bank its settings do not ask for: refit")
+            try:
+                own_state = CoarseBranch.shard_state(state)
+            except PatchCoreError as exc:
+                raise PatchCoreError(f"{source}: {exc}: refit or restore the model") from exc
+            # its own errors name the file and "coarse bank"
+            own = PatchCore.from_state(own_state, source=f"{source} (coarse bank)", weights=weights, **runtime)
+            try:
+                model.coarse_ = CoarseBranch.from_state(meta["coarse"], own, config)
             except PatchCoreError as exc:
                 raise PatchCoreError(f"{source}: {exc}: refit or restore the model") from exc
         model.backbone_ = backbone

@@ -60,9 +60,12 @@ def exportable(detector: Detector) -> PatchCore:
     return detector
 
 
-def export_metadata(model: PatchCore, bank_name: str, bank_digest: str) -> dict[str, Any]:
+def export_metadata(
+    model: PatchCore, bank_name: str, bank_digest: str, coarse: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """The document stored under the ONNX metadata key ``patchcore``: everything the runtime needs
-    (``bank_digest``: :func:`bank_sha256` of the bank, which the graph holds as ``bank_name``)."""
+    (``bank_digest``: :func:`bank_sha256` of the bank, which the graph holds as ``bank_name``; ``coarse``: the
+    coarse bank's initializer name and digest, for a model with one)."""
     cfg = model.config
     mean, std = model.normalization_
     rows, dim = model.memory_bank_.shape
@@ -93,6 +96,14 @@ def export_metadata(model: PatchCore, bank_name: str, bank_digest: str) -> dict[
             "dim": int(dim),
             "sha256": bank_digest,
         },
+        "coarse_bank": None
+        if coarse is None or model.coarse_ is None
+        else {
+            "initializer": coarse[0],
+            "rows": int(model.coarse_.model.memory_bank_.shape[0]),
+            "dim": int(model.coarse_.model.memory_bank_.shape[1]),
+            "sha256": coarse[1],
+        },
         "backbone": {
             "name": model.backbone_.name,
             "layers": list(model.backbone_.layers),
@@ -110,16 +121,16 @@ def to_onnx(model: PatchCore) -> Any:
         import onnxscript.optimizer
     except ImportError:
         raise PatchCoreError("export needs onnx and onnxscript: pip install 'patchcore[export]'") from None
-    from .graph import PatchCoreGraph
+    from .graph import PatchCoreGraph, graph_patches
 
     cfg = model.config
     bank = model.memory_bank_.detach().cpu()
     channels = [info.channels for info in model.backbone_.feature_info]
     side = cfg.crop if cfg.crop is not None else cfg.resize
     example = torch.zeros(2, 3, side, side)
-    patches = max(1, (side // model.backbone_.feature_info[0].stride) ** 2)  # the finest level's grid
-    # on its own copy of the backbone
-    graph = PatchCoreGraph(model.backbone_, bank, cfg, channels, patches, model.global_).to("cpu").eval()
+    # on its own copy of the backbone (and the coarse bank's on its own)
+    graph = PatchCoreGraph(model.backbone_, bank, cfg, channels, graph_patches(model), model.global_, model.coarse_)
+    graph = graph.to("cpu").eval()
     batch = torch.export.Dim("batch", min=1)
     dims: dict[int, Any] = {0: batch}
     if cfg.keep_aspect and cfg.crop is None:  # every image keeps its own aspect: height and width vary
@@ -143,12 +154,11 @@ def to_onnx(model: PatchCore) -> Any:
         raise PatchCoreError("export failed: torch.onnx.export returned no program")
     program.model = onnxscript.optimizer.optimize(program.model, input_size_limit=FOLD_ELEMENTS)
     proto = program.model_proto
-    digest = bank_sha256(bank.numpy())
-    names = [t.name for t in proto.graph.initializer if list(t.dims) == list(bank.shape)]
-    found = [n for n in names if bank_sha256(onnx.numpy_helper.to_array(_initializer(proto, n))) == digest]
-    if len(found) != 1:
-        raise PatchCoreError(f"export failed: the graph holds {len(found)} copies of the memory bank, expected 1")
-    document = export_metadata(model, found[0], digest)
+    name, digest = _bank_initializer(proto, bank.numpy(), "memory bank")
+    coarse = None
+    if model.coarse_ is not None:
+        coarse = _bank_initializer(proto, model.coarse_.model.memory_bank_.detach().cpu().numpy(), "coarse bank")
+    document = export_metadata(model, name, digest, coarse)
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(document, sort_keys=True)})
     proto.producer_name, proto.producer_version = "patchcore", __version__
     return proto
@@ -156,6 +166,18 @@ def to_onnx(model: PatchCore) -> Any:
 
 def _initializer(proto: Any, name: str) -> Any:
     return next(t for t in proto.graph.initializer if t.name == name)
+
+
+def _bank_initializer(proto: Any, bank: np.ndarray, what: str) -> tuple[str, str]:
+    """(name, SHA-256) of the one initializer of ``proto`` that holds ``bank``'s values."""
+    import onnx
+
+    digest = bank_sha256(bank)
+    names = [t.name for t in proto.graph.initializer if list(t.dims) == list(bank.shape)]
+    found = [n for n in names if bank_sha256(onnx.numpy_helper.to_array(_initializer(proto, n))) == digest]
+    if len(found) != 1:
+        raise PatchCoreError(f"export failed: the graph holds {len(found)} copies of the {what}, expected 1")
+    return found[0], digest
 
 
 def export(detector: Detector, path: str | os.PathLike, fmt: str = "onnx") -> list[Path]:

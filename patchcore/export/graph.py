@@ -13,6 +13,9 @@ Every stage is the model's own, in operations every ONNX runtime has:
   the support of the nearest bank row m* is its ``num_neighbors`` nearest bank rows, m* itself first;
 - with a global branch (:mod:`patchcore.detectors.global_branch`), the mean patch feature's Mahalanobis
   distance on the bank's scale, and the image score the larger of the two;
+- with a coarse bank (:mod:`patchcore.detectors.coarse_branch`), a second graph of the same kind on the input
+  average-pooled (``input_pool``), its scores and map pixels put onto the fine bank's scale, and the image
+  score and every map pixel the larger of the two;
 - bilinear upsampling to the input size and the Gaussian blur with scipy's reflected borders
   (:mod:`patchcore.core.maps`), the reflection indices computed from the input's own size, so that inputs
   of any size (keep-aspect models) take the same graph.
@@ -32,6 +35,7 @@ from ..config import PatchCoreConfig
 from ..core.features import local_average
 from ..core.maps import gaussian_kernel1d, symmetric_indices
 from ..core.scoring_modes import scoring_rule
+from ..detectors.coarse_branch import CoarseBranch
 from ..detectors.global_branch import GlobalBranch
 
 # Distances held at once per input image (patches x chunk_rows, 16 MiB of fp32 at most): the graph's
@@ -80,8 +84,10 @@ class PatchCoreGraph(nn.Module):
         feature_channels: list[int],
         patches: int,
         global_branch: GlobalBranch | None = None,
+        coarse: CoarseBranch | None = None,
     ) -> None:
         super().__init__()
+        self.pool = config.input_pool
         self.backbone = copy.deepcopy(backbone)
         for module in self.backbone.modules():
             if isinstance(module, SameConv2d):
@@ -113,6 +119,13 @@ class PatchCoreGraph(nn.Module):
             for name, value in (("mean", gaussian.mean), ("scale", gaussian.scale), ("precision", gaussian.precision)):
                 self.register_buffer(f"global_{name}", torch.as_tensor(value, dtype=torch.float32))
             self.global_offset, self.global_slope = (float(v) for v in global_branch.affine)
+        self.has_coarse = coarse is not None
+        if coarse is not None:
+            if coarse.score_affine is None or coarse.map_affine is None:
+                raise ValueError("the coarse bank is not calibrated")
+            self.coarse = coarse_graph(coarse)
+            self.coarse_offset, self.coarse_slope = (float(v) for v in coarse.score_affine)
+            self.coarse_map_offset, self.coarse_map_slope = (float(v) for v in coarse.map_affine)
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, h, w, D), as :func:`patchcore.core.features.patch_features`."""
@@ -175,7 +188,7 @@ class PatchCoreGraph(nn.Module):
         return F.conv2d(x.index_select(3, cols), self.kernel.view(1, 1, 1, -1))[:, 0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.patch_features(x)
+        feats = self.patch_features(F.avg_pool2d(x, self.pool) if self.pool > 1 else x)
         batch, h, w, dim = feats.shape
         flat = feats.reshape(-1, dim)
         dists, index = self.nearest(flat)
@@ -194,7 +207,27 @@ class PatchCoreGraph(nn.Module):
             distance = ((q @ self.global_precision) * q).sum(dim=1).clamp_min(0.0).sqrt()
             image = torch.maximum(image, self.global_offset + self.global_slope * distance)
         up = F.interpolate(scores.reshape(batch, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return image, self.blur(up)
+        maps = self.blur(up)
+        if self.has_coarse:
+            coarse_image, coarse_maps = self.coarse(x)
+            image = torch.maximum(image, self.coarse_offset + self.coarse_slope * coarse_image)
+            maps = torch.maximum(maps, self.coarse_map_offset + self.coarse_map_slope * coarse_maps)
+        return image, maps
+
+
+def coarse_graph(coarse: CoarseBranch) -> PatchCoreGraph:
+    """The graph of a coarse bank's own model (:class:`PatchCoreGraph` on its pooled inputs)."""
+    model = coarse.model
+    bank = model.memory_bank_.detach().cpu()
+    channels = [info.channels for info in model.backbone_.feature_info]
+    return PatchCoreGraph(model.backbone_, bank, model.config, channels, graph_patches(model))
+
+
+def graph_patches(model) -> int:
+    """Patches of the finest feature grid of one square input of ``model`` (it sizes the search's chunks)."""
+    cfg = model.config
+    side = (cfg.crop if cfg.crop is not None else cfg.resize) // cfg.input_pool
+    return max(1, (side // model.backbone_.feature_info[0].stride) ** 2)
 
 
 def reflect_indices(size: int, radius: int, device: torch.device, least: int = 1) -> torch.Tensor:

@@ -122,8 +122,8 @@ class OnnxDetector(Scorer):
 
 
 def read_export(path: Path, verify: bool = True) -> dict[str, Any]:
-    """The metadata document of an exported ``.onnx`` (with ``verify``, its memory bank checked against the
-    SHA-256 it records); a one-line PatchCoreError naming the file when it is not a sound patchcore export."""
+    """The metadata document of an exported ``.onnx`` (with ``verify``, its memory bank and coarse bank checked
+    against the SHA-256 it records); a one-line PatchCoreError naming the file when it is not a sound export."""
     if path.is_dir():
         raise PatchCoreError(f"{path}: is a folder: pass the exported .onnx file")
     if not path.is_file():
@@ -134,18 +134,24 @@ def read_export(path: Path, verify: bool = True) -> dict[str, Any]:
         raise PatchCoreError(f"{path}: not an ONNX model ({exc}): pass a file written by `patchcore export`") from None
     try:
         document = _document(metadata)
-        digest = tensor_sha256(buffer, document["bank"]["initializer"], path.parent) if verify else None
+        banks = [("memory bank", document["bank"])]
+        if document.get("coarse_bank") is not None:
+            banks.append(("coarse bank", document["coarse_bank"]))
+        digests = [
+            (what, bank, tensor_sha256(buffer, bank["initializer"], path.parent)) for what, bank in banks if verify
+        ]
     except PatchCoreError as exc:
         raise PatchCoreError(f"{path}: {exc}") from None
     except (Malformed, KeyError, TypeError, ValueError) as exc:
         raise PatchCoreError(f"{path}: malformed export ({exc}): export the model again") from None
     finally:
         buffer.close()
-    if verify and digest != document["bank"]["sha256"]:
-        raise PatchCoreError(
-            f"{path}: the memory bank's SHA-256 ({str(digest)[:12]}) differs from the one recorded at export "
-            f"({str(document['bank']['sha256'])[:12]}): the file was altered or damaged; export the model again"
-        )
+    for what, bank, digest in digests:
+        if digest != bank["sha256"]:
+            raise PatchCoreError(
+                f"{path}: the {what}'s SHA-256 ({str(digest)[:12]}) differs from the one recorded at export "
+                f"({str(bank['sha256'])[:12]}): the file was altered or damaged; export the model again"
+            )
     return document
 
 
@@ -178,6 +184,9 @@ def _document(metadata: dict[str, str]) -> dict[str, Any]:
     bank = document.get("bank")
     if not isinstance(bank, dict) or not {"initializer", "sha256", "rows"} <= set(bank):
         raise PatchCoreError("the patchcore metadata lacks the memory bank's hash: export the model again")
+    coarse = document.get("coarse_bank")
+    if coarse is not None and (not isinstance(coarse, dict) or not {"initializer", "sha256", "rows"} <= set(coarse)):
+        raise PatchCoreError("the patchcore metadata's coarse bank lacks its hash: export the model again")
     return document
 
 

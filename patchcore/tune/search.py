@@ -32,12 +32,14 @@ from .defects import DEFECTS, make_defects
 logger = logging.getLogger(__name__)
 
 #: The grid: name -> PatchCoreConfig fields over the base settings. Small on purpose (each is a fit): the
-#: default (a blocks.2 bank and the global branch), the former default bank alone (blocks.2 + blocks.3, the
-#: paper's method), that bank with the branch, the layers and size that won elsewhere (blocks.4 on grey
-#: crops, 256 px for pixel maps, issue 12), and multi-level models (a second bank, a branch at 128 px).
+#: default (a blocks.2 bank, a coarse bank at half the resolution and the global branch), the default at one
+#: scale (no coarse bank), the former default bank alone (blocks.2 + blocks.3, the paper's method), that bank
+#: with the branches, the layers and size that won elsewhere (blocks.4 on grey crops, 256 px for pixel maps,
+#: issue 12), and multi-level models (a second bank, a branch at 128 px).
 GRID: dict[str, dict[str, Any]] = {
     "default": {},
-    "bank-only": {"layers": ["blocks.2", "blocks.3"], "global_branch": False},
+    "single-scale": {"coarse_branch": False},
+    "bank-only": {"layers": ["blocks.2", "blocks.3"], "global_branch": False, "coarse_branch": False},
     "mid": {"layers": ["blocks.2", "blocks.3"]},
     "deep": {"layers": ["blocks.2", "blocks.4"]},
     "256": {"resize": 256},

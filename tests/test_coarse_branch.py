@@ -1,0 +1,164 @@
+"""The default coarse bank of a single-bank model: the inputs at half the resolution, deeper layers, its own bank."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from patchcore import PatchCore, PatchCoreConfig, PatchCoreError
+from patchcore.core.gaussian import robust_affine
+from patchcore.detectors import loads
+from patchcore.detectors.coarse_branch import COARSE_POOL, coarse_config
+from patchcore.persistence import DetectorState
+from synthetic import texture
+
+# the default layers, global branch and coarse bank, small and fast
+BRANCHES = {"resize": 64, "crop": 56, "coreset_ratio": 0.25, "seed": 0}
+
+
+def smudged(image: np.ndarray) -> np.ndarray:
+    """A large, soft defect: a dark region over a third of the image, no sharp edge anywhere."""
+    size = image.shape[0]
+    y, x = np.mgrid[:size, :size]
+    shade = 1 - 0.5 * np.exp(-((x - size / 2) ** 2 + (y - size / 2) ** 2) / (2 * (size / 5) ** 2))
+    return (image * shade[..., None]).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(5)
+    return [texture(rng) for _ in range(12)]
+
+
+@pytest.fixture(scope="module")
+def model(images):
+    return PatchCore(**BRANCHES).fit(images)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    arrays(np.float64, st.integers(4, 40), elements=st.floats(-1e3, 1e3)),
+    st.floats(0.01, 100),
+    st.floats(-100, 100),
+    st.sampled_from([25.0, 50.0, 90.0]),
+)
+def test_the_robust_affine_matches_the_interquartile_range_and_the_anchor(target, slope, offset, anchor):
+    source = target[::-1] * slope + offset + np.arange(len(target))  # varies whatever target is
+    a, b = robust_affine(target, source, anchor)
+    mapped = a + b * source
+    (t25, t75, ta), (m25, m75, ma) = np.percentile(target, [25, 75, anchor]), np.percentile(mapped, [25, 75, anchor])
+    scale = 1e-6 * (1 + np.abs(target).max() + np.abs(mapped).max())
+    assert b >= 0
+    assert m75 - m25 == pytest.approx(t75 - t25, abs=scale)
+    assert ma == pytest.approx(ta, abs=scale)
+
+
+def test_sources_whose_quartiles_coincide_have_no_affine():
+    with pytest.raises(ValueError, match="coincide"):
+        robust_affine(np.array([1.0, 2.0, 3.0]), np.array([3.0, 3.0, 3.0]))
+    with pytest.raises(ValueError, match="percentile"):
+        robust_affine(np.array([1.0, 2.0]), np.array([1.0, 3.0]), anchor=120)
+
+
+def test_the_coarse_config_pools_the_input_and_keeps_its_share_of_patches():
+    config = PatchCoreConfig(threshold_fpr=0.05)
+    coarse = coarse_config(config)
+    assert coarse.input_pool == COARSE_POOL and coarse.layers == ("blocks.2", "blocks.3")
+    assert coarse.image_top_k == 5  # 20 of the fine grid's patches; the coarse grid has a quarter of them
+    assert not (coarse.global_branch or coarse.coarse_branch) and coarse.threshold_fpr is None
+    assert (coarse.resize, coarse.crop, coarse.coreset_ratio) == (config.resize, config.crop, config.coreset_ratio)
+    assert coarse_config(config.replace(coarse_layers=("blocks.3",))).layers == ("blocks.3",)
+    with pytest.raises(PatchCoreError, match="input_pool"):
+        PatchCoreConfig(resize=64, input_pool=5)
+
+
+def test_fit_builds_a_calibrated_coarse_bank_and_takes_the_larger_score_and_map(model, images):
+    coarse = model.coarse_
+    assert coarse is not None and coarse.score_affine[1] > 0 and coarse.map_affine[1] > 0
+    assert coarse.model.n_train_ == model.n_train_ == 10  # the same bank images, the same 2 held out
+    assert coarse.model.memory_bank_.shape[1] == 40 + 80  # blocks.2 + blocks.3
+    assert coarse.model.feature_shape_ == (4, 4)  # 56 px pooled to 28, stride 8
+    probe = images[:2] + [smudged(images[0]), smudged(images[1])]
+    fine_only = loads(model.to_bytes())
+    fine_only.coarse_ = None  # the same model without its coarse bank
+    combined, fine = model.score_samples(probe), fine_only.score_samples(probe)
+    assert (combined >= fine - 1e-6).all()
+    maps, fine_maps = model.anomaly_maps(probe), fine_only.anomaly_maps(probe)
+    for amap, fine_map in zip(maps, fine_maps):
+        assert amap.shape == fine_map.shape == (56, 56) and (amap >= fine_map - 1e-6).all()
+    assert combined[2:].min() > combined[:2].max()  # the large soft defect stands out
+
+
+def test_too_few_images_fit_the_fine_bank_alone(images):
+    small = PatchCore(**BRANCHES).fit(images[:6])  # 1 held out: too few to calibrate on
+    assert small.coarse_ is None and small.global_ is None and small.n_train_ == 6
+    off = PatchCore(**BRANCHES, coarse_branch=False).fit(images)
+    assert off.coarse_ is None and off.global_ is not None and off.n_train_ == 10
+
+
+def test_the_coarse_bank_survives_a_file_and_tampering_is_refused(model, images, tmp_path):
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    loaded = PatchCore.load(path)
+    np.testing.assert_array_equal(loaded.score_samples(images[:3]), model.score_samples(images[:3]))
+    assert loaded.coarse_.map_affine == model.coarse_.map_affine
+    state = model.get_state()
+    bank = state.tensors["coarse.memory_bank"]
+    for tensors, words in (
+        ({**state.tensors, "coarse.memory_bank": np.full_like(bank, np.nan)}, "NaN"),
+        ({**state.tensors, "coarse.memory_bank": bank[:, :7].copy()}, "dimensions"),
+        ({k: v for k, v in state.tensors.items() if k != "coarse.memory_bank"}, "malformed"),
+    ):
+        with pytest.raises(PatchCoreError, match=words):
+            PatchCore.from_state(DetectorState(state.kind, state.meta, tensors))
+    coarse_meta = state.meta["coarse"]
+    for meta, words in (
+        ({**state.meta, "coarse": {**coarse_meta, "map_affine": [1.0, -2.0]}}, "positive slope"),
+        ({**state.meta, "coarse": {**coarse_meta, "score_affine": "steep"}}, "two numbers"),
+        ({**state.meta, "coarse": {"model": coarse_meta["model"]}}, "must hold model"),
+        ({**state.meta, "config": {**state.meta["config"], "coarse_layers": ["blocks.3"]}}, "do not match"),
+    ):
+        with pytest.raises(PatchCoreError, match=words):
+            PatchCore.from_state(DetectorState(state.kind, meta, state.tensors))
+    # a file from before the coarse bank: no coarse_branch setting, no coarse bank; it loads and scores without
+    old_config = {k: v for k, v in state.meta["config"].items() if k not in ("coarse_branch", "coarse_layers")}
+    old_config.pop("input_pool")
+    old_meta = {k: v for k, v in state.meta.items() if k != "coarse"} | {"config": old_config}
+    old_tensors = {k: v for k, v in state.tensors.items() if not k.startswith("coarse.")}
+    old = PatchCore.from_state(DetectorState(state.kind, old_meta, old_tensors))
+    assert old.coarse_ is None and old.config.coarse_branch is False
+    with pytest.raises(PatchCoreError, match="do not ask for"):
+        PatchCore.from_state(DetectorState(state.kind, {**state.meta, "config": old_config}, state.tensors))
+
+
+def test_partial_fit_grows_the_coarse_bank_and_shards_merge_it(model, images):
+    rng = np.random.default_rng(9)
+    more = [texture(rng) for _ in range(3)]
+    extended = loads(model.to_bytes())
+    extended.partial_fit(more)
+    assert extended.coarse_.model.n_train_ == 13
+    assert extended.coarse_.model.memory_bank_.shape[0] >= model.coarse_.model.memory_bank_.shape[0]
+    assert extended.coarse_.score_affine == model.coarse_.score_affine  # kept, like the thresholds
+    # fit in two shards, merged: a coarse bank of the size one fit keeps, calibrated on the held-out images
+    driver = PatchCore(**BRANCHES)
+    train, calibration = driver.calibration_split(images)
+    parts = [driver.fit_shard(train[:5], 2), driver.fit_shard(train[5:], 2)]
+    merged = driver.merge_shards(parts, calibration)
+    assert merged.coarse_ is not None and merged.coarse_.score_affine is not None
+    assert merged.coarse_.model.memory_bank_.shape == model.coarse_.model.memory_bank_.shape
+    assert merged.coarse_.model.n_train_ == 10
+    scores = merged.score_samples(images[:2] + [smudged(images[0])])
+    assert scores[2] > scores[:2].max()
+
+
+def test_tiles_and_non_square_inputs_take_the_coarse_bank(images):
+    rng = np.random.default_rng(3)
+    wide = [texture(rng, 64)[:48] for _ in range(12)]  # 48 x 64
+    tiled = PatchCore(resize=48, coreset_ratio=0.25, tile_size=32, seed=0).fit(wide)
+    assert tiled.coarse_ is not None
+    (result,) = tiled.infer([wide[0]])
+    assert result.map().shape == (48, 64)  # stitched at the image's size, fine and coarse alike
+    aspect = PatchCore(resize=48, coreset_ratio=0.25, keep_aspect=True, seed=0).fit(wide)
+    (result,) = aspect.infer([wide[0]])
+    assert aspect.coarse_ is not None and result.map().shape == (48, 64)
