@@ -172,7 +172,9 @@ def textile_auroc(configs, args) -> None:
 
     data = textile()
     start = time.perf_counter()
-    model = PatchCore(resize=224, layers=("blocks.2", "blocks.4"), global_branch=False, coarse_branch=False, seed=args.seed).fit(data.train)
+    model = PatchCore(
+        resize=224, layers=("blocks.2", "blocks.4"), global_branch=False, coarse_branch=False, seed=args.seed
+    ).fit(data.train)
     test = model.extract_features([s.path for s in data.test])
     print(f"textile_fit_and_extract_seconds: {time.perf_counter() - start:.1f}", flush=True)
     labels = np.array([s.label for s in data.test])

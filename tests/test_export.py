@@ -97,9 +97,9 @@ def test_the_export_holds_the_bank_once_and_the_settings(exported):
     ]
     assert copies == [document["bank"]["initializer"]]
     coarse = model.coarse_.model.memory_bank_.numpy()  # the coarse bank too, once, and hashed
-    assert [
-        t.name for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).tobytes() == coarse.tobytes()
-    ] == [document["coarse_bank"]["initializer"]]
+    assert [t.name for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).tobytes() == coarse.tobytes()] == [
+        document["coarse_bank"]["initializer"]
+    ]
     assert document["coarse_bank"]["rows"] == coarse.shape[0]
     assert document["config"] == model.config.to_dict()
     assert document["input"]["mean"] == list(model.normalization_[0])
