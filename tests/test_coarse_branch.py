@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from patchcore import PatchCore, PatchCoreConfig, PatchCoreError
+import patchcore
+from patchcore import PatchCore, PatchCoreConfig, PatchCoreEnsemble, PatchCoreError
 from patchcore.core.gaussian import robust_affine
 from patchcore.detectors import loads
 from patchcore.detectors.coarse_branch import COARSE_POOL, coarse_config
@@ -107,16 +108,22 @@ def test_the_coarse_bank_survives_a_file_and_tampering_is_refused(model, images,
     bank = state.tensors["coarse.memory_bank"]
     for tensors, words in (
         ({**state.tensors, "coarse.memory_bank": np.full_like(bank, np.nan)}, "NaN"),
-        ({**state.tensors, "coarse.memory_bank": bank[:, :7].copy()}, "dimensions"),
+        (
+            {**state.tensors, "coarse.memory_bank": bank[:, :7].copy()},
+            "^m.safetensors \\(coarse bank\\): memory bank has 7",
+        ),
         ({k: v for k, v in state.tensors.items() if k != "coarse.memory_bank"}, "malformed"),
     ):
         with pytest.raises(PatchCoreError, match=words):
-            PatchCore.from_state(DetectorState(state.kind, state.meta, tensors))
+            PatchCore.from_state(DetectorState(state.kind, state.meta, tensors), source="m.safetensors")
     coarse_meta = state.meta["coarse"]
+    nested = {**coarse_meta, "model": {**coarse_meta["model"], "coarse": coarse_meta}}
     for meta, words in (
-        ({**state.meta, "coarse": {**coarse_meta, "map_affine": [1.0, -2.0]}}, "positive slope"),
-        ({**state.meta, "coarse": {**coarse_meta, "score_affine": "steep"}}, "two numbers"),
+        ({**state.meta, "coarse": {**coarse_meta, "map_affine": [1.0, -2.0]}}, "slope positive"),
+        ({**state.meta, "coarse": {**coarse_meta, "score_affine": "steep"}}, "two finite numbers"),
+        ({**state.meta, "coarse": {**coarse_meta, "score_affine": [10**400, 1]}}, "two finite numbers"),
         ({**state.meta, "coarse": {"model": coarse_meta["model"]}}, "must hold model"),
+        ({**state.meta, "coarse": nested}, "without a coarse bank of its own"),
         ({**state.meta, "config": {**state.meta["config"], "coarse_layers": ["blocks.3"]}}, "do not match"),
     ):
         with pytest.raises(PatchCoreError, match=words):
@@ -130,6 +137,23 @@ def test_the_coarse_bank_survives_a_file_and_tampering_is_refused(model, images,
     assert old.coarse_ is None and old.config.coarse_branch is False
     with pytest.raises(PatchCoreError, match="do not ask for"):
         PatchCore.from_state(DetectorState(state.kind, {**state.meta, "config": old_config}, state.tensors))
+
+
+def test_ensemble_members_keep_their_branches_through_a_file_and_hold_out_nothing_more(images, tmp_path):
+    members = [PatchCoreConfig(**BRANCHES), PatchCoreConfig(**BRANCHES, layers=("blocks.1", "blocks.2"))]
+    ensemble = PatchCoreEnsemble(members, calibration_share=0.25).fit(images)
+    for member in ensemble.models_:  # calibrated on the ensemble's 3 held-out images, banks of the other 9
+        assert member.coarse_ is not None and member.global_ is not None and member.n_train_ == 9
+    path = tmp_path / "ens.safetensors"
+    ensemble.save(path)
+    loaded = patchcore.load(path)
+    assert all(m.coarse_ is not None and m.global_ is not None for m in loaded.models_)
+    np.testing.assert_array_equal(loaded.score_samples(images[:3]), ensemble.score_samples(images[:3]))
+    # on Ray's path (shards merged) the members are the same
+    train, calibration = ensemble.calibration_split(images)
+    parts = [ensemble.fit_shard(train[:5], 2), ensemble.fit_shard(train[5:], 2)]
+    merged = PatchCoreEnsemble(members, calibration_share=0.25).merge_shards(parts, calibration)
+    assert all(m.coarse_ is not None and m.coarse_.score_affine is not None for m in merged.models_)
 
 
 def test_partial_fit_grows_the_coarse_bank_and_shards_merge_it(model, images):

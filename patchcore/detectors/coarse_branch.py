@@ -61,11 +61,14 @@ def coarse_config(config: PatchCoreConfig) -> PatchCoreConfig:
 def _affine_or_none(value: Any, what: str) -> tuple[float, float] | None:
     if value is None:
         return None
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
-        raise PatchCoreError(f"the coarse bank's {what} {value!r} must be two numbers or null")
-    if not (np.isfinite(value).all() and value[1] > 0):
-        raise PatchCoreError(f"the coarse bank's {what} {value!r} must be finite with a positive slope")
-    return float(value[0]), float(value[1])
+    numbers = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    try:  # an integer past float's range is a number JSON allows and float() refuses
+        offset, slope = (float(v) for v in value) if numbers else (np.nan, np.nan)
+    except OverflowError:
+        offset, slope = np.nan, np.nan
+    if not (np.isfinite([offset, slope]).all() and slope > 0):
+        raise PatchCoreError(f"the coarse bank's {what} {value!r} must be two finite numbers, the slope positive")
+    return offset, slope
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,9 @@ class CoarseBranch:
         meta = state.meta.get("coarse")
         if not isinstance(meta, dict) or set(meta) != {"model", "score_affine", "map_affine"}:
             raise PatchCoreError("the coarse bank's header must hold model, score_affine and map_affine")
+        if not isinstance(meta["model"], dict) or "coarse" in meta["model"]:
+            # checked before the coarse bank is loaded: a file nesting coarse banks would load each in turn
+            raise PatchCoreError("the coarse bank's header must be a model's header without a coarse bank of its own")
         own = {name[len(PREFIX) :]: value for name, value in state.tensors.items() if name.startswith(PREFIX)}
         return DetectorState(SINGLE_KIND, meta["model"], own, state.provenance)
 

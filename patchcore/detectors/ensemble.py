@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,9 +96,15 @@ class PatchCoreEnsemble(Detector):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, images: Sequence[ImageLike], *, root: str | os.PathLike | None = None) -> PatchCoreEnsemble:
-        """Fit every member on the same good images, minus the held-out calibration share. Returns self."""
+        """Fit every member on the same good images, minus the held-out calibration share. Returns self.
+
+        The held-out images also put each member's global branch and coarse bank onto its bank's scale: a
+        member holds out nothing of its own, and a fit on Ray (:meth:`merge_shards`) gives the same members.
+        """
         train, calibration = self.calibration_split(images)
-        self.models_ = [PatchCore(config, **self._runtime()).fit(train, root=root) for config in self._member_configs()]
+        self.models_ = [
+            PatchCore(config, **self._runtime())._fit(train, calibration, root) for config in self._member_configs()
+        ]
         self._standardize(len(train), calibration)
         self.fit_stats_ = self._summed_stats()
         return self
@@ -156,7 +162,7 @@ class PatchCoreEnsemble(Detector):
             if len(part) != len(configs):
                 raise PatchCoreError(f"shard {i} holds {len(part)} banks, not one per member ({len(configs)})")
         self.models_ = [
-            PatchCore(config, **self._runtime()).merge_shards([[part[j]] for part in parts], [])
+            PatchCore(config, **self._runtime()).merge_shards([[part[j]] for part in parts], calibration)
             for j, config in enumerate(configs)
         ]
         self._standardize(self.models_[0].n_train_, list(calibration))
@@ -265,15 +271,7 @@ class PatchCoreEnsemble(Detector):
             if not isinstance(records, list) or not records:  # one member: a multi-level model with a global branch
                 raise PatchCoreError("an ensemble needs a list of members")
             member_states = [
-                DetectorState(
-                    SINGLE_KIND,
-                    record,
-                    {
-                        name: state.tensors[f"member{i}.{name}"]
-                        for name in ("memory_bank", "bank_source")
-                        if name == "memory_bank" or f"member{i}.{name}" in state.tensors
-                    },
-                )
+                DetectorState(SINGLE_KIND, record, _member_tensors(state.tensors, f"member{i}."))
                 for i, record in enumerate(records)
             ]
             settings = {name: info[name] for name in SETTINGS if info.get(name) is not None}
@@ -302,3 +300,11 @@ class PatchCoreEnsemble(Detector):
         ensemble.thresholds_ = thresholds
         ensemble.provenance_ = dict(state.provenance)
         return ensemble
+
+
+def _member_tensors(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """One member's tensors (its bank, and those of its branches), named as in a model file of its own."""
+    own = {name[len(prefix) :]: array for name, array in tensors.items() if name.startswith(prefix)}
+    if "memory_bank" not in own:
+        raise KeyError(prefix + "memory_bank")
+    return own

@@ -178,7 +178,9 @@ class PatchCore(Detector):
         self.feature_shape_ = feature_shape
         self.n_train_ = len(images)
         self.global_ = GlobalBranch.fit(np.concatenate(means)) if means else None
-        self.coarse_ = self._fit_coarse(images, root, shard) if cfg.coarse_branch else None
+        # without images to calibrate it on (see calibration_split) the coarse bank would be dropped: not fitted
+        fit_coarse = cfg.coarse_branch and (shard or len(calibration) >= 2)
+        self.coarse_ = self._fit_coarse(images, root, shard) if fit_coarse else None
         if not shard:
             self._calibrate_branches(calibration)
         self._set_thresholds(calibration)
@@ -794,10 +796,15 @@ class PatchCore(Detector):
                 raise PatchCoreError(f"full_bank_size={full_bank_size!r} must be a whole number or null")
             thresholds = Thresholds.from_dict(meta.get("thresholds"))
             bank = np.asarray(state.tensors["memory_bank"])
-            source = state.tensors.get("bank_source")
-            if (source is None) != ("train_paths" not in meta):
+            # not "source": that names the file in every message below
+            bank_source = state.tensors.get("bank_source")
+            if (bank_source is None) != ("train_paths" not in meta):
                 raise PatchCoreError("bank_source and train_paths come together")
-            paths = check_sources(np.asarray(source), meta["train_paths"], bank.shape[0]) if source is not None else []
+            paths = (
+                check_sources(np.asarray(bank_source), meta["train_paths"], bank.shape[0])
+                if bank_source is not None
+                else []
+            )
         except PatchCoreError as exc:
             raise PatchCoreError(f"{source}: invalid settings in the model ({exc})") from exc
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -854,7 +861,7 @@ class PatchCore(Detector):
         model.feature_shape_ = (feature_shape[0], feature_shape[1])
         model.fit_stats_ = {"full_bank_size": full_bank_size}
         model.thresholds_ = thresholds
-        model.bank_source_ = None if source is None else np.asarray(source).copy()
+        model.bank_source_ = None if bank_source is None else np.asarray(bank_source).copy()
         model.train_paths_ = paths
         model.provenance_ = dict(state.provenance)
         return model
