@@ -282,6 +282,21 @@ def test_a_large_bank_goes_to_external_data(fitted, tmp_path, monkeypatch):
         OnnxDetector.load(tmp_path / "model.onnx")
 
 
+def test_the_two_banks_together_decide_on_external_data(tmp_path, monkeypatch):
+    import patchcore.export as exporting
+
+    model = PatchCore(resize=64, crop=56, coreset_ratio=0.25, seed=0).fit(images(0, 10))
+    fine, coarse = model.memory_bank_.numpy(), model.coarse_.model.memory_bank_.numpy()
+    monkeypatch.setattr(exporting, "EXTERNAL_DATA_BYTES", fine.nbytes)  # each bank alone fits, both do not
+    export(model, tmp_path / "model.onnx")
+    data = (tmp_path / "model.onnx.data").read_bytes()
+    assert fine.tobytes() in data and coarse.tobytes() in data  # both beside the graph
+    test = images(3, 3)
+    np.testing.assert_allclose(
+        OnnxDetector.load(tmp_path / "model.onnx").score_samples(test), model.score_samples(test), rtol=1e-4
+    )
+
+
 def test_openvino_export(fitted, tmp_path):
     ov = pytest.importorskip("openvino")
     written = export(fitted, tmp_path / "model.xml", "openvino")

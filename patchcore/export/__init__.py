@@ -2,8 +2,8 @@
 and anomaly maps (:mod:`.graph`), the model's settings in the file's metadata (:func:`export_metadata`).
 
 The torch-free runtime (:mod:`patchcore.runtime`) loads what this writes and prepares images exactly as
-the model does. Exports are written atomically; a bank whose bytes exceed :data:`EXTERNAL_DATA_BYTES` goes
-to ``<file>.data`` beside the ``.onnx`` (protobuf files stop at 2 GB).
+the model does. Exports are written atomically; banks whose bytes together exceed :data:`EXTERNAL_DATA_BYTES`
+go to ``<file>.data`` beside the ``.onnx`` (protobuf files stop at 2 GB).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino")
 INPUT_NAME, OUTPUT_NAMES = "input", ("scores", "maps")
-EXTERNAL_DATA_BYTES = 1 << 30  # banks above 1 GiB are stored beside the graph
+EXTERNAL_DATA_BYTES = 1 << 30  # banks above 1 GiB together are stored beside the graph
 OPSET = 18
 FOLD_ELEMENTS = 1024  # constants folded at export: below any memory bank's size
 
@@ -226,13 +226,13 @@ def _metadata_of(proto: Any) -> str:
 def _save_onnx(proto: Any, file: Path) -> None:
     import onnx
 
-    bank = json.loads(_metadata_of(proto))["bank"]
-    external = bank["rows"] * bank["dim"] * 4 > EXTERNAL_DATA_BYTES
-    if external:
+    document = json.loads(_metadata_of(proto))
+    sizes = [bank["rows"] * bank["dim"] * 4 for bank in (document["bank"], document.get("coarse_bank")) if bank]
+    if sum(sizes) > EXTERNAL_DATA_BYTES:  # together: both banks count against protobuf's 2 GiB
         from onnx.external_data_helper import convert_model_to_external_data
 
-        # the bank (and any tensor as large) beside the graph; the rest stays inside
-        threshold = bank["rows"] * bank["dim"] * 4
+        # the banks (and any tensor as large as the smaller) beside the graph; the rest stays inside
+        threshold = min(sizes)
         convert_model_to_external_data(
             proto, all_tensors_to_one_file=True, location=file.name + ".data", size_threshold=threshold
         )
