@@ -77,17 +77,20 @@ class PatchCoreConfig:
         global_layers instead): a Gaussian (Ledoit-Wolf shrunk) of every training input's mean patch feature,
         whose Mahalanobis distance catches global texture changes that raise every patch a little and none
         much. fit holds out calibration_share of the good images, on which the distance is put onto the
-        bank's score scale (equal mean and standard deviation); the image score is the larger of the two.
+        bank's score scale (equal quartiles); the image score is the larger of the two.
         It costs no backbone work (the bank's own features, averaged). Off: the bank alone, the paper's method.
-    coarse_branch, coarse_layers: a second bank at a coarser input scale (a single-bank model's): the same model
-        inputs average-pooled 2 x 2 (half the resolution), features of coarse_layers (None: the backbone's coarse
-        defaults, for EfficientNet-Lite0 blocks.2 + blocks.3), its own coreset at coreset_ratio. It sees what
-        is large or spread out (uneven regions, long cracks) that the fine bank's small patches miss. Like the
-        global branch it is put onto the bank's score scale on the held-out calibration_share (interquartile ranges
-        matched, upper tails anchored at the 90th percentile: of the image scores, and of the map pixels), and the
-        image score and every map pixel are the larger of the two. Off: the fine bank alone at one scale.
+    coarse_branch, coarse_layers, coarse_pool: a second bank of a coarser feature level (a single-bank model's):
+        features of coarse_layers (None: the backbone's coarse defaults, for EfficientNet-Lite0 blocks.2 +
+        blocks.3) of the same model inputs, average-pooled coarse_pool x coarse_pool first (1, the default: the
+        same scale; 2: half the resolution, a second input scale), its own coreset at coreset_ratio. Its deeper
+        features see the extent of a defect (uneven regions, long cracks) that the fine bank's small patches see
+        in pieces. Like the global branch it is put onto the bank's score scale on the held-out calibration_share
+        (interquartile ranges matched, upper tails anchored at the 90th percentile: of the image scores, and of
+        the map pixels); the image score is the larger of the two, every map pixel their mean. Off: the fine
+        bank alone.
     input_pool: the model input is average-pooled by this factor before the backbone (1: not at all; 2: features
-        of half the input's resolution); maps stay at the input's size. The coarse bank is a model with 2.
+        of half the input's resolution); maps stay at the input's size. The coarse bank is a model with
+        input_pool x coarse_pool.
     level_sets, scales, global_layers, combine: a multi-level model (``MultiLevelPatchCore``; all None: a plain
         PatchCore). level_sets: more layer sets, each "+"-joined (e.g. "blocks.2" or "blocks.2+blocks.4"), one
         bank each beside ``layers``; scales: more input sizes (resize), each with every layer set; global_layers:
@@ -133,6 +136,7 @@ class PatchCoreConfig:
     global_branch: bool = True
     coarse_branch: bool = True
     coarse_layers: tuple[str, ...] | None = None
+    coarse_pool: int = 1
     input_pool: int = 1
     level_sets: tuple[str, ...] | None = None
     scales: tuple[int, ...] | None = None
@@ -204,6 +208,11 @@ class PatchCoreConfig:
         if not 1 <= self.input_pool <= self.input_size // 16:
             raise PatchCoreError(
                 f"input_pool={self.input_pool} must lie between 1 and the input size / 16 ({self.input_size // 16})"
+            )
+        if self.coarse_branch and not 1 <= self.input_pool * self.coarse_pool <= self.input_size // 16:
+            raise PatchCoreError(
+                f"coarse_pool={self.coarse_pool} must lie between 1 and the input size / 16 / input_pool "
+                f"({self.input_size // 16 // self.input_pool}), or turn the coarse bank off (--no-coarse-branch)"
             )
         if self.sigma < 0:
             raise PatchCoreError("sigma must be >= 0 (0 disables smoothing)")
@@ -280,6 +289,7 @@ _LIMITS: dict[str, tuple[str, float | None]] = {
     "global_branch": ("bool", None),
     "coarse_branch": ("bool", None),
     "coarse_layers": ("layers", None),
+    "coarse_pool": ("int", 64),
     "input_pool": ("int", 64),
     "level_sets": ("layers", None),
     "scales": ("ints", 8192),

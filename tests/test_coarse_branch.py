@@ -10,7 +10,7 @@ import patchcore
 from patchcore import PatchCore, PatchCoreConfig, PatchCoreEnsemble, PatchCoreError
 from patchcore.core.gaussian import robust_affine
 from patchcore.detectors import loads
-from patchcore.detectors.coarse_branch import COARSE_POOL, coarse_config
+from patchcore.detectors.coarse_branch import coarse_config, wants_coarse_bank
 from patchcore.persistence import DetectorState
 from synthetic import texture
 
@@ -62,33 +62,58 @@ def test_sources_whose_quartiles_coincide_have_no_affine():
         robust_affine(np.array([1.0, 2.0]), np.array([1.0, 3.0]), anchor=120)
 
 
-def test_the_coarse_config_pools_the_input_and_keeps_its_share_of_patches():
+def test_the_coarse_config_takes_deeper_layers_and_keeps_its_share_of_patches():
     config = PatchCoreConfig(threshold_fpr=0.05)
     coarse = coarse_config(config)
-    assert coarse.input_pool == COARSE_POOL and coarse.layers == ("blocks.2", "blocks.3")
-    assert coarse.image_top_k == 5  # 20 of the fine grid's patches; the coarse grid has a quarter of them
+    assert coarse.input_pool == 1 and coarse.layers == ("blocks.2", "blocks.3") and coarse.image_top_k == 20
     assert not (coarse.global_branch or coarse.coarse_branch) and coarse.threshold_fpr is None
     assert (coarse.resize, coarse.crop, coarse.coreset_ratio) == (config.resize, config.crop, config.coreset_ratio)
     assert coarse_config(config.replace(coarse_layers=("blocks.3",))).layers == ("blocks.3",)
+    half = coarse_config(config.replace(coarse_pool=2))
+    assert half.input_pool == 2 and half.coarse_pool == 1
+    assert half.image_top_k == 5  # 20 of the fine grid's patches; the pooled grid has a quarter of them
     with pytest.raises(PatchCoreError, match="input_pool"):
         PatchCoreConfig(resize=64, input_pool=5)
+    with pytest.raises(PatchCoreError, match="coarse_pool=3 .*--no-coarse-branch"):
+        PatchCoreConfig(resize=64, input_pool=2, coarse_pool=3)
+    assert PatchCoreConfig(resize=64, coarse_pool=8, coarse_branch=False).coarse_pool == 8  # off: not checked
 
 
-def test_fit_builds_a_calibrated_coarse_bank_and_takes_the_larger_score_and_map(model, images):
+def test_a_coarse_bank_that_would_be_the_fine_banks_twin_is_not_wanted():
+    assert wants_coarse_bank(PatchCoreConfig())
+    assert not wants_coarse_bank(PatchCoreConfig(coarse_branch=False))
+    assert not wants_coarse_bank(PatchCoreConfig(layers=("blocks.2", "blocks.3")))  # the coarse layers' twin
+    assert wants_coarse_bank(PatchCoreConfig(layers=("blocks.2", "blocks.3"), coarse_pool=2))  # another scale
+    assert not wants_coarse_bank(PatchCoreConfig(backbone="wide_resnet50_2"))  # no coarse defaults of its own
+    assert wants_coarse_bank(PatchCoreConfig(backbone="wide_resnet50_2", coarse_layers=("layer3",)))
+
+
+def test_fit_builds_a_calibrated_coarse_bank_and_takes_the_larger_score_and_the_mean_map(model, images):
     coarse = model.coarse_
     assert coarse is not None and coarse.score_affine[1] > 0 and coarse.map_affine[1] > 0
     assert coarse.model.n_train_ == model.n_train_ == 10  # the same bank images, the same 2 held out
     assert coarse.model.memory_bank_.shape[1] == 40 + 80  # blocks.2 + blocks.3
-    assert coarse.model.feature_shape_ == (4, 4)  # 56 px pooled to 28, stride 8
+    assert coarse.model.feature_shape_ == model.feature_shape_ == (7, 7)  # the same input, stride 8
     probe = images[:2] + [smudged(images[0]), smudged(images[1])]
     fine_only = loads(model.to_bytes())
     fine_only.coarse_ = None  # the same model without its coarse bank
     combined, fine = model.score_samples(probe), fine_only.score_samples(probe)
-    assert (combined >= fine - 1e-6).all()
-    maps, fine_maps = model.anomaly_maps(probe), fine_only.anomaly_maps(probe)
-    for amap, fine_map in zip(maps, fine_maps):
-        assert amap.shape == fine_map.shape == (56, 56) and (amap >= fine_map - 1e-6).all()
+    offset, slope = coarse.score_affine
+    np.testing.assert_allclose(
+        combined, np.maximum(fine, offset + slope * coarse.model.score_samples(probe)), rtol=1e-5
+    )
+    maps, fine_maps, coarse_maps = (m.anomaly_maps(probe) for m in (model, fine_only, coarse.model))
+    offset, slope = coarse.map_affine
+    assert maps.shape == fine_maps.shape == coarse_maps.shape == (4, 56, 56)
+    np.testing.assert_allclose(maps, (fine_maps + offset + slope * coarse_maps) / 2, rtol=1e-5, atol=1e-5)
     assert combined[2:].min() > combined[:2].max()  # the large soft defect stands out
+
+
+def test_the_coarse_bank_at_half_the_resolution(images):
+    half = PatchCore(**BRANCHES, coarse_pool=2).fit(images)
+    assert half.coarse_.model.feature_shape_ == (4, 4)  # 56 px pooled to 28, stride 8
+    (result,) = half.infer(images[:1])
+    assert result.map().shape == (56, 56)
 
 
 def test_too_few_images_fit_the_fine_bank_alone(images):
@@ -131,6 +156,7 @@ def test_the_coarse_bank_survives_a_file_and_tampering_is_refused(model, images,
     # a file from before the coarse bank: no coarse_branch setting, no coarse bank; it loads and scores without
     old_config = {k: v for k, v in state.meta["config"].items() if k not in ("coarse_branch", "coarse_layers")}
     old_config.pop("input_pool")
+    old_config.pop("coarse_pool")
     old_meta = {k: v for k, v in state.meta.items() if k != "coarse"} | {"config": old_config}
     old_tensors = {k: v for k, v in state.tensors.items() if not k.startswith("coarse.")}
     old = PatchCore.from_state(DetectorState(state.kind, old_meta, old_tensors))

@@ -109,9 +109,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif field.name == "coarse_branch":
             kwargs.update(
                 action=argparse.BooleanOptionalAction,
-                help="a second bank at half the input's resolution (coarse-layers), for large or spread-out "
-                "defects; put onto the bank's scale on the held-out images (default: on; --no-coarse-branch: the "
-                "fine bank alone at one scale)",
+                help="a second bank of deeper features (coarse-layers, coarse-pool), for large or spread-out "
+                "defects and sharper maps; put onto the bank's scale on the held-out images (default: on; "
+                "--no-coarse-branch: the fine bank alone)",
             )
         elif field.name == "coarse_layers":
             kwargs.update(
@@ -119,6 +119,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 metavar="LAYER",
                 help="the coarse bank's layers (default: the backbone's coarse defaults, blocks.2 blocks.3 for "
                 "efficientnet_lite0)",
+            )
+        elif field.name == "coarse_pool":
+            kwargs.update(
+                type=int,
+                metavar="N",
+                help="the coarse bank sees the model input average-pooled N x N (default: 1, the same scale; 2: "
+                "half the resolution, for defects larger than a fine patch)",
             )
         elif field.name == "input_pool":
             kwargs.update(

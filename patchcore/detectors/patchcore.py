@@ -49,7 +49,7 @@ from ..persistence import DetectorState, state_from_bytes
 from ..persistence.model_file import SINGLE_KIND
 from ..search import SEARCH_BACKENDS, build_index
 from .base import RUNTIME, Detector, Inference, Thresholds, check_keys, header_dict, not_fitted
-from .coarse_branch import CoarseBranch, coarse_config
+from .coarse_branch import CoarseBranch, coarse_config, wants_coarse_bank
 from .explain import (
     NOT_RECORDED,
     SOURCE_COLUMNS,
@@ -179,7 +179,7 @@ class PatchCore(Detector):
         self.n_train_ = len(images)
         self.global_ = GlobalBranch.fit(np.concatenate(means)) if means else None
         # without images to calibrate it on (see calibration_split) the coarse bank would be dropped: not fitted
-        fit_coarse = cfg.coarse_branch and (shard or len(calibration) >= 2)
+        fit_coarse = wants_coarse_bank(cfg) and (shard or len(calibration) >= 2)
         self.coarse_ = self._fit_coarse(images, root, shard) if fit_coarse else None
         if not shard:
             self._calibrate_branches(calibration)
@@ -250,7 +250,7 @@ class PatchCore(Detector):
         images = list(images)
         cfg = self.config
         thresholds = cfg.threshold_fpr is not None and cfg.threshold is None
-        branches = cfg.global_branch or cfg.coarse_branch
+        branches = cfg.global_branch or wants_coarse_bank(cfg)
         if not thresholds and (not branches or len(images) < 2):
             return images, []
         keep, held_out = split_calibration(len(images), cfg.calibration_share, cfg.seed)
@@ -317,7 +317,7 @@ class PatchCore(Detector):
         self.n_train_ = n_train
         self.global_ = GlobalBranch.fit(np.concatenate(means)) if means else None
         self.coarse_ = None
-        if cfg.coarse_branch:
+        if wants_coarse_bank(cfg):
             coarse = PatchCore(coarse_config(cfg), **self._runtime())
             coarse._merge_states([CoarseBranch.shard_state(state) for state in states], [])
             self.coarse_ = CoarseBranch(coarse)
@@ -668,7 +668,7 @@ class PatchCore(Detector):
         The map is (S, S) (S = crop or resize); with keep_aspect and no crop, the resized image's (H, W);
         with tiling, the tiles' maps stitched at the scaled image's size and the score the tiles' maximum.
         With a global branch, an input's score is the larger of the bank's and the branch's; with a coarse bank,
-        the score and every map pixel are the larger of the fine bank's and the coarse bank's.
+        the score is the larger of the fine bank's and the coarse bank's, and every map pixel their mean.
         """
         self._check_fitted()
         tile_scores: list[float] = []

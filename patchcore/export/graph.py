@@ -14,8 +14,8 @@ Every stage is the model's own, in operations every ONNX runtime has:
 - with a global branch (:mod:`patchcore.detectors.global_branch`), the mean patch feature's Mahalanobis
   distance on the bank's scale, and the image score the larger of the two;
 - with a coarse bank (:mod:`patchcore.detectors.coarse_branch`), a second graph of the same kind on the input
-  average-pooled (``input_pool``), its scores and map pixels put onto the fine bank's scale, and the image
-  score and every map pixel the larger of the two;
+  (average-pooled by its ``input_pool`` where ``coarse_pool`` asks for it), its scores and map pixels put
+  onto the fine bank's scale, and the image score the larger of the two and every map pixel their mean;
 - bilinear upsampling to the input size and the Gaussian blur with scipy's reflected borders
   (:mod:`patchcore.core.maps`), the reflection indices computed from the input's own size, so that inputs
   of any size (keep-aspect models) take the same graph.
@@ -211,7 +211,7 @@ class PatchCoreGraph(nn.Module):
         if self.has_coarse:
             coarse_image, coarse_maps = self.coarse(x)
             image = torch.maximum(image, self.coarse_offset + self.coarse_slope * coarse_image)
-            maps = torch.maximum(maps, self.coarse_map_offset + self.coarse_map_slope * coarse_maps)
+            maps = (maps + (self.coarse_map_offset + self.coarse_map_slope * coarse_maps)) / 2
         return image, maps
 
 

@@ -32,15 +32,17 @@ from .defects import DEFECTS, make_defects
 logger = logging.getLogger(__name__)
 
 #: The grid: name -> PatchCoreConfig fields over the base settings. Small on purpose (each is a fit): the
-#: default (a blocks.2 bank, a coarse bank at half the resolution and the global branch), the default at one
-#: scale (no coarse bank), the former default bank alone (blocks.2 + blocks.3, the paper's method), that bank
+#: default (a blocks.2 bank, a blocks.2 + blocks.3 coarse bank and the global branch), the default without its
+#: coarse bank, the default with the coarse bank at half the resolution (a second input scale, for defects
+#: larger than the fine patches), the former default bank alone (blocks.2 + blocks.3, the paper's method), that bank
 #: with the branches, the layers and size that won elsewhere (blocks.4 on grey crops, 256 px for pixel maps,
 #: issue 12), and multi-level models (a second bank, a branch at 128 px).
 GRID: dict[str, dict[str, Any]] = {
     "default": {},
-    "single-scale": {"coarse_branch": False},
+    "fine-only": {"coarse_branch": False},
+    "coarse-half": {"coarse_pool": 2},
     "bank-only": {"layers": ["blocks.2", "blocks.3"], "global_branch": False, "coarse_branch": False},
-    "mid": {"layers": ["blocks.2", "blocks.3"]},
+    "mid": {"layers": ["blocks.2", "blocks.3"], "coarse_branch": False},  # its coarse bank would be its own twin
     "deep": {"layers": ["blocks.2", "blocks.4"]},
     "256": {"resize": 256},
     "multilevel": {"level_sets": ["blocks.2+blocks.3"], "global_layers": ["blocks.2"]},
