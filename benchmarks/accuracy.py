@@ -45,6 +45,9 @@ PEERS = {
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "peers": PEERS,
+    # the defaults without their coarse bank, and with it at half the resolution: they differ in maps only
+    "fine-only": {"coarse_branch": False},
+    "coarse-half": {"coarse_pool": 2},
     **{name: settings for name, settings in GRID.items() if name != "default"},
 }
 COLUMNS = [

@@ -67,10 +67,13 @@ def test_the_coarse_config_takes_deeper_layers_and_keeps_its_share_of_patches():
     coarse = coarse_config(config)
     assert coarse.input_pool == 1 and coarse.layers == ("blocks.2", "blocks.3") and coarse.image_top_k == 20
     assert not (coarse.global_branch or coarse.coarse_branch) and coarse.threshold_fpr is None
-    assert (coarse.resize, coarse.crop, coarse.coreset_ratio) == (config.resize, config.crop, config.coreset_ratio)
+    assert (coarse.resize, coarse.crop) == (config.resize, config.crop)
+    assert coarse.coreset_ratio == config.coreset_ratio / 4  # a quarter of the fine bank's rows
+    assert coarse_config(config.replace(coreset_size=100)).coreset_size == 25
     assert coarse_config(config.replace(coarse_layers=("blocks.3",))).layers == ("blocks.3",)
     half = coarse_config(config.replace(coarse_pool=2))
     assert half.input_pool == 2 and half.coarse_pool == 1
+    assert half.coreset_ratio == config.coreset_ratio  # of a quarter of the patches: a quarter of the rows
     assert half.image_top_k == 5  # 20 of the fine grid's patches; the pooled grid has a quarter of them
     with pytest.raises(PatchCoreError, match="input_pool"):
         PatchCoreConfig(resize=64, input_pool=5)
@@ -88,20 +91,18 @@ def test_a_coarse_bank_that_would_be_the_fine_banks_twin_is_not_wanted():
     assert wants_coarse_bank(PatchCoreConfig(backbone="wide_resnet50_2", coarse_layers=("layer3",)))
 
 
-def test_fit_builds_a_calibrated_coarse_bank_and_takes_the_larger_score_and_the_mean_map(model, images):
+def test_fit_builds_a_calibrated_coarse_bank_whose_map_is_averaged_in(model, images):
     coarse = model.coarse_
-    assert coarse is not None and coarse.score_affine[1] > 0 and coarse.map_affine[1] > 0
+    assert coarse is not None and coarse.map_affine[1] > 0
     assert coarse.model.n_train_ == model.n_train_ == 10  # the same bank images, the same 2 held out
     assert coarse.model.memory_bank_.shape[1] == 40 + 80  # blocks.2 + blocks.3
     assert coarse.model.feature_shape_ == model.feature_shape_ == (7, 7)  # the same input, stride 8
     probe = images[:2] + [smudged(images[0]), smudged(images[1])]
     fine_only = loads(model.to_bytes())
     fine_only.coarse_ = None  # the same model without its coarse bank
-    combined, fine = model.score_samples(probe), fine_only.score_samples(probe)
-    offset, slope = coarse.score_affine
-    np.testing.assert_allclose(
-        combined, np.maximum(fine, offset + slope * coarse.model.score_samples(probe)), rtol=1e-5
-    )
+    combined = model.score_samples(probe)
+    np.testing.assert_array_equal(combined, fine_only.score_samples(probe))  # the image score is the fine bank's
+    np.testing.assert_array_equal(combined, [r.score for r in model.infer(probe)])  # with maps too
     maps, fine_maps, coarse_maps = (m.anomaly_maps(probe) for m in (model, fine_only, coarse.model))
     offset, slope = coarse.map_affine
     assert maps.shape == fine_maps.shape == coarse_maps.shape == (4, 56, 56)
@@ -145,9 +146,10 @@ def test_the_coarse_bank_survives_a_file_and_tampering_is_refused(model, images,
     nested = {**coarse_meta, "model": {**coarse_meta["model"], "coarse": coarse_meta}}
     for meta, words in (
         ({**state.meta, "coarse": {**coarse_meta, "map_affine": [1.0, -2.0]}}, "slope positive"),
-        ({**state.meta, "coarse": {**coarse_meta, "score_affine": "steep"}}, "two finite numbers"),
-        ({**state.meta, "coarse": {**coarse_meta, "score_affine": [10**400, 1]}}, "two finite numbers"),
-        ({**state.meta, "coarse": {"model": coarse_meta["model"]}}, "must hold model"),
+        ({**state.meta, "coarse": {**coarse_meta, "map_affine": "steep"}}, "two finite numbers"),
+        ({**state.meta, "coarse": {**coarse_meta, "map_affine": [10**400, 1]}}, "two finite numbers"),
+        ({**state.meta, "coarse": {**coarse_meta, "score_affine": [0.0, 1.0]}}, "must hold model and map_affine"),
+        ({**state.meta, "coarse": {"model": coarse_meta["model"]}}, "must hold model and map_affine"),
         ({**state.meta, "coarse": nested}, "without a coarse bank of its own"),
         ({**state.meta, "config": {**state.meta["config"], "coarse_layers": ["blocks.3"]}}, "do not match"),
     ):
@@ -179,7 +181,7 @@ def test_ensemble_members_keep_their_branches_through_a_file_and_hold_out_nothin
     train, calibration = ensemble.calibration_split(images)
     parts = [ensemble.fit_shard(train[:5], 2), ensemble.fit_shard(train[5:], 2)]
     merged = PatchCoreEnsemble(members, calibration_share=0.25).merge_shards(parts, calibration)
-    assert all(m.coarse_ is not None and m.coarse_.score_affine is not None for m in merged.models_)
+    assert all(m.coarse_ is not None and m.coarse_.map_affine is not None for m in merged.models_)
 
 
 def test_partial_fit_grows_the_coarse_bank_and_shards_merge_it(model, images):
@@ -189,13 +191,13 @@ def test_partial_fit_grows_the_coarse_bank_and_shards_merge_it(model, images):
     extended.partial_fit(more)
     assert extended.coarse_.model.n_train_ == 13
     assert extended.coarse_.model.memory_bank_.shape[0] >= model.coarse_.model.memory_bank_.shape[0]
-    assert extended.coarse_.score_affine == model.coarse_.score_affine  # kept, like the thresholds
+    assert extended.coarse_.map_affine == model.coarse_.map_affine  # kept, like the thresholds
     # fit in two shards, merged: a coarse bank of the size one fit keeps, calibrated on the held-out images
     driver = PatchCore(**BRANCHES)
     train, calibration = driver.calibration_split(images)
     parts = [driver.fit_shard(train[:5], 2), driver.fit_shard(train[5:], 2)]
     merged = driver.merge_shards(parts, calibration)
-    assert merged.coarse_ is not None and merged.coarse_.score_affine is not None
+    assert merged.coarse_ is not None and merged.coarse_.map_affine is not None
     assert merged.coarse_.model.memory_bank_.shape == model.coarse_.model.memory_bank_.shape
     assert merged.coarse_.model.n_train_ == 10
     scores = merged.score_samples(images[:2] + [smudged(images[0])])

@@ -1,17 +1,18 @@
-"""A single-bank model's coarse bank: deeper layers of the same model inputs (optionally pooled), its own bank.
+"""A single-bank model's coarse bank: deeper layers of the same model inputs (optionally pooled), for the maps.
 
-The fine bank (``layers`` at ``resize``, small patches) finds small local defects; what is large or spread out
-(an uneven region, a long thin crack, a frayed edge) raises many fine patches a little and none much, and is
-seen better by features of a deeper level (and, with ``coarse_pool`` 2, a coarser scale). The coarse bank is a
-plain PatchCore (:func:`coarse_config`) with ``coarse_layers`` on the model inputs average-pooled
-``coarse_pool`` x ``coarse_pool``; on held-out good images its image scores and its map pixels are put onto the
-fine bank's scale (:func:`~patchcore.core.gaussian.robust_affine`: the interquartile ranges matched and the
-upper tails anchored at the 90th percentile). The model's image score is the larger of the two; every map
-pixel is their mean: two levels' estimates of the same pixel, whose noise on good texture partly cancels
-while a defect raises both (on textile's masked local defects the mean gave pixel AUROC 0.986 and PRO 0.958,
-the larger 0.984 and 0.949, the fine map alone 0.971 and 0.920; README "Accuracy"). Its maps are at the model
-input's size, like the fine bank's, so tiles, keep-aspect inputs and the export take it as they take the fine
-bank.
+The fine bank (``layers`` at ``resize``, small patches) scores images best on small local defects, and its maps
+find them; but what is large or spread out (an uneven region, a long thin crack, a frayed edge) raises many fine
+patches a little and none much, and its extent is seen better by features of a deeper level (and, with
+``coarse_pool`` 2, a coarser scale). The coarse bank is a plain PatchCore (:func:`coarse_config`) with
+``coarse_layers`` on the model inputs average-pooled ``coarse_pool`` x ``coarse_pool``. On held-out good images
+its map pixels are put onto the fine bank's scale (:func:`~patchcore.core.gaussian.robust_affine`: the
+interquartile ranges matched and the upper tails anchored at the 90th percentile), and every pixel of the
+model's map is the mean of the two: two levels' estimates of the same pixel, whose noise on good texture partly
+cancels while a defect raises both. On textile's masked local defects that gave pixel AUROC 0.985 and PRO 0.955
+against the fine map's 0.971 and 0.920 (the larger of the two instead of the mean: 0.981 and 0.943). The image
+score stays the fine bank's (and the global branch's): the coarse bank's, as the larger of the two, cost 0.003
+to 0.006 of image AUROC on textile (README "Accuracy"). Its maps are at the model input's size, like the fine
+bank's, so tiles, keep-aspect inputs and the export take it as they take the fine bank.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ from ..persistence.model_file import SINGLE_KIND
 
 logger = logging.getLogger(__name__)
 
-#: The percentile of held-out good images at which the coarse bank's scores (and map pixels) meet the fine
-#: bank's, their interquartile ranges matched: an upper one, since the larger of the two image scores decides
-#: (on textile 90 cost the fine bank's accuracy less than the quartiles).
+#: The percentile of held-out good map pixels at which the coarse bank's meet the fine bank's, their
+#: interquartile ranges matched: an upper one, where pixel thresholds lie.
 ANCHOR = 90.0
+#: The coarse bank keeps this many times fewer rows than the fine bank. Its deeper level is at stride 16 (four
+#: cells of the stride-8 grid share each blocks.3 cell), so neighbouring rows are near-duplicates and fewer
+#: cover them: on textile's masked local defects a quarter of the rows gave pixel AUROC 0.985 and PRO 0.955
+#: against 0.986 and 0.958 with as many as the fine bank, for about a quarter of the search and of the coreset.
+ROW_SHARE = 4
 #: Map pixels taken from each held-out map for the map affine: every 4th row and column (maps are smooth).
 PIXEL_STRIDE = 4
 PREFIX = "coarse."
@@ -42,13 +47,17 @@ PREFIX = "coarse."
 
 def coarse_config(config: PatchCoreConfig) -> PatchCoreConfig:
     """The plain PatchCore config of ``config``'s coarse bank: its inputs pooled ``coarse_pool`` x more,
-    ``coarse_layers`` (None: the backbone's coarse defaults), no branches and no thresholds of its own. Its
-    image score averages as large a share of its patches as the fine bank's: a grid with ``coarse_pool``
-    squared times fewer patches takes that many fewer of its largest (at least 1)."""
+    ``coarse_layers`` (None: the backbone's coarse defaults), :data:`ROW_SHARE` times fewer rows than the fine
+    bank keeps, no branches and no thresholds of its own. Its image score averages as large a share of its
+    patches as the fine bank's: a grid with ``coarse_pool`` squared times fewer patches takes that many fewer
+    of its largest (at least 1)."""
     layers = config.coarse_layers or backbone_spec(config.backbone).coarse_layers or None
     assert config.image_top_k is not None  # resolved by the config
+    pooled = config.coarse_pool**2  # a pooled grid has this many times fewer patches to keep rows of
     return config.replace(
         layers=layers,
+        coreset_ratio=min(1.0, config.coreset_ratio * pooled / ROW_SHARE),
+        coreset_size=None if config.coreset_size is None else max(1, config.coreset_size // ROW_SHARE),
         image_top_k=max(1, round(config.image_top_k / config.coarse_pool**2)),
         input_pool=config.input_pool * config.coarse_pool,
         global_branch=False,
@@ -89,40 +98,24 @@ def _affine_or_none(value: Any, what: str) -> tuple[float, float] | None:
 
 @dataclass(frozen=True)
 class CoarseBranch:
-    """``model``: the coarse bank (a fitted plain PatchCore); ``score_affine`` and ``map_affine``: (offset, slope)
-    of its image scores and map pixels onto the fine bank's (None until :meth:`calibrated`, e.g. in a shard)."""
+    """``model``: the coarse bank (a fitted plain PatchCore); ``map_affine``: (offset, slope) of its map pixels
+    onto the fine bank's (None until :meth:`calibrated`, e.g. in a shard)."""
 
     model: Any  # a PatchCore (not imported: patchcore.detectors.patchcore imports this module)
-    score_affine: tuple[float, float] | None = None
     map_affine: tuple[float, float] | None = None
 
-    def calibrated(
-        self,
-        bank_scores: np.ndarray,
-        bank_maps: list[np.ndarray],
-        coarse_scores: np.ndarray,
-        coarse_maps: list[np.ndarray],
-    ) -> CoarseBranch | None:
-        """With the affines that give the held-out good inputs' coarse scores (and map pixels) the fine bank's
-        interquartile range and :data:`ANCHOR` percentile; None (logged) when they cannot be matched (too few, or
-        all alike)."""
+    def calibrated(self, bank_maps: list[np.ndarray], coarse_maps: list[np.ndarray]) -> CoarseBranch | None:
+        """With the affine that gives the held-out good inputs' coarse map pixels the fine maps' interquartile
+        range and :data:`ANCHOR` percentile; None (logged) when they cannot be matched (too few, or all alike)."""
         try:
-            scores = robust_affine(bank_scores, coarse_scores, ANCHOR)
-            maps = robust_affine(_pixels(bank_maps), _pixels(coarse_maps), ANCHOR) if bank_maps else None
+            maps = robust_affine(_pixels(bank_maps), _pixels(coarse_maps), ANCHOR)
         except ValueError as exc:
             logger.warning("the coarse bank cannot be calibrated (%s): fitted without it", exc)
             return None
-        if not scores[1] > 0 or (maps is not None and not maps[1] > 0):
-            logger.warning("the held-out images' fine scores do not vary: fitted without the coarse bank")
+        if not maps[1] > 0:
+            logger.warning("the held-out images' fine maps do not vary: fitted without the coarse bank")
             return None
-        return replace(self, score_affine=scores, map_affine=maps)
-
-    def combined(self, score: float, coarse_score: float) -> float:
-        """An input's image score: the larger of the fine bank's and the coarse bank's on the fine scale."""
-        if self.score_affine is None:
-            raise PatchCoreError("the coarse bank is not calibrated: fit the model on all its images")
-        offset, slope = self.score_affine
-        return max(score, offset + slope * coarse_score)
+        return replace(self, map_affine=maps)
 
     def combined_map(self, amap: np.ndarray, coarse_map: np.ndarray) -> np.ndarray:
         """(H, W) maps of one input -> per pixel the mean of the fine map and the coarse map on its scale."""
@@ -133,13 +126,9 @@ class CoarseBranch:
 
     # ------------------------------------------------------------------ state
     def meta(self) -> dict[str, Any]:
-        """The ``coarse`` header: the coarse model's own header and the two affines."""
+        """The ``coarse`` header: the coarse model's own header and the map affine."""
         state = self.model.get_state()
-        return {
-            "model": state.meta,
-            "score_affine": None if self.score_affine is None else list(self.score_affine),
-            "map_affine": None if self.map_affine is None else list(self.map_affine),
-        }
+        return {"model": state.meta, "map_affine": None if self.map_affine is None else list(self.map_affine)}
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {PREFIX + name: value for name, value in self.model.get_state().tensors.items()}
@@ -149,8 +138,8 @@ class CoarseBranch:
         """The coarse bank's own state inside a model's ``state`` (its ``coarse`` header's model and the
         ``coarse.*`` tensors)."""
         meta = state.meta.get("coarse")
-        if not isinstance(meta, dict) or set(meta) != {"model", "score_affine", "map_affine"}:
-            raise PatchCoreError("the coarse bank's header must hold model, score_affine and map_affine")
+        if not isinstance(meta, dict) or set(meta) != {"model", "map_affine"}:
+            raise PatchCoreError("the coarse bank's header must hold model and map_affine")
         if not isinstance(meta["model"], dict) or "coarse" in meta["model"]:
             # checked before the coarse bank is loaded: a file nesting coarse banks would load each in turn
             raise PatchCoreError("the coarse bank's header must be a model's header without a coarse bank of its own")
@@ -163,8 +152,7 @@ class CoarseBranch:
         :meth:`shard_state`), checked against the coarse config that the model's ``config`` implies."""
         if model.config.replace(weights=None) != coarse_config(config).replace(weights=None):
             raise PatchCoreError("the coarse bank's settings do not match the model's")
-        score_affine = _affine_or_none(meta["score_affine"], "score affine")
-        return cls(model, score_affine, _affine_or_none(meta["map_affine"], "map affine"))
+        return cls(model, _affine_or_none(meta["map_affine"], "map affine"))
 
 
 def _pixels(maps: list[np.ndarray]) -> np.ndarray:

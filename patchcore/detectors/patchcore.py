@@ -219,7 +219,8 @@ class PatchCore(Detector):
         cfg = self.config
         calibration = list(calibration)
         bank: list[float] = []
-        means, maps = [], []
+        means: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
         for batch in self._features(calibration, self.backbone_, "calibrating the branches"):
             with torch.inference_mode():
                 scores, nearest = patch_scores(batch.rows, self._index, cfg.scoring, cfg.k)
@@ -230,9 +231,8 @@ class PatchCore(Detector):
         if self.global_ is not None:
             self.global_ = self.global_.calibrated(np.array(bank), self.global_.distances(np.concatenate(means)))
         if self.coarse_ is not None:
-            coarse = list(self.coarse_.model._input_results(calibration, maps=True))
-            coarse_maps = [amap for _, amap, _, _ in coarse if amap is not None]
-            self.coarse_ = self.coarse_.calibrated(np.array(bank), maps, np.array([c[0] for c in coarse]), coarse_maps)
+            coarse = self.coarse_.model._input_results(calibration, maps=True)
+            self.coarse_ = self.coarse_.calibrated(maps, [amap for _, amap, _, _ in coarse if amap is not None])
 
     def _set_thresholds(self, calibration: Sequence[ImageLike]) -> None:
         """The thresholds after a fit: by hand, or from the held-out ``calibration`` images."""
@@ -668,7 +668,7 @@ class PatchCore(Detector):
         The map is (S, S) (S = crop or resize); with keep_aspect and no crop, the resized image's (H, W);
         with tiling, the tiles' maps stitched at the scaled image's size and the score the tiles' maximum.
         With a global branch, an input's score is the larger of the bank's and the branch's; with a coarse bank,
-        the score is the larger of the fine bank's and the coarse bank's, and every map pixel their mean.
+        every map pixel is the mean of the fine bank's and the coarse bank's.
         """
         self._check_fitted()
         tile_scores: list[float] = []
@@ -691,7 +691,8 @@ class PatchCore(Detector):
         geometry, whether it is its image's last input), the branches combined in."""
         cfg = self.config
         images = list(images)
-        coarse = self.coarse_.model._input_results(images, maps) if self.coarse_ is not None else None
+        # the coarse bank only sharpens maps: scores alone need none of its work
+        coarse = self.coarse_.model._input_results(images, maps) if self.coarse_ is not None and maps else None
         for batch in self._features(images, self.backbone_, "scoring"):
             with torch.inference_mode():
                 # one search for every patch of every input in the batch, whatever their shapes
@@ -703,11 +704,10 @@ class PatchCore(Detector):
             for i, (geometry, last) in enumerate(batch.owners):
                 score = batch_scores[i]
                 amap = input_maps[i] if input_maps is not None else None
-                if coarse is not None and self.coarse_ is not None:
-                    coarse_score, coarse_map, _, _ = next(coarse)
-                    score = self.coarse_.combined(score, coarse_score)
-                    if amap is not None and coarse_map is not None:
-                        amap = self.coarse_.combined_map(amap, coarse_map)
+                if coarse is not None and self.coarse_ is not None and amap is not None:
+                    _, coarse_map, _, _ = next(coarse)  # the image score stays the fine bank's
+                    assert coarse_map is not None
+                    amap = self.coarse_.combined_map(amap, coarse_map)
                 yield score, amap, geometry, last
 
     def _bank_scores(

@@ -14,8 +14,8 @@ Every stage is the model's own, in operations every ONNX runtime has:
 - with a global branch (:mod:`patchcore.detectors.global_branch`), the mean patch feature's Mahalanobis
   distance on the bank's scale, and the image score the larger of the two;
 - with a coarse bank (:mod:`patchcore.detectors.coarse_branch`), a second graph of the same kind on the input
-  (average-pooled by its ``input_pool`` where ``coarse_pool`` asks for it), its scores and map pixels put
-  onto the fine bank's scale, and the image score the larger of the two and every map pixel their mean;
+  (average-pooled by its ``input_pool`` where ``coarse_pool`` asks for it), its map pixels put onto
+  the fine bank's scale and every map pixel the mean of the two (the image score is the fine bank's);
 - bilinear upsampling to the input size and the Gaussian blur with scipy's reflected borders
   (:mod:`patchcore.core.maps`), the reflection indices computed from the input's own size, so that inputs
   of any size (keep-aspect models) take the same graph.
@@ -121,10 +121,9 @@ class PatchCoreGraph(nn.Module):
             self.global_offset, self.global_slope = (float(v) for v in global_branch.affine)
         self.has_coarse = coarse is not None
         if coarse is not None:
-            if coarse.score_affine is None or coarse.map_affine is None:
+            if coarse.map_affine is None:
                 raise ValueError("the coarse bank is not calibrated")
             self.coarse = coarse_graph(coarse)
-            self.coarse_offset, self.coarse_slope = (float(v) for v in coarse.score_affine)
             self.coarse_map_offset, self.coarse_map_slope = (float(v) for v in coarse.map_affine)
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +208,7 @@ class PatchCoreGraph(nn.Module):
         up = F.interpolate(scores.reshape(batch, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
         maps = self.blur(up)
         if self.has_coarse:
-            coarse_image, coarse_maps = self.coarse(x)
-            image = torch.maximum(image, self.coarse_offset + self.coarse_slope * coarse_image)
+            _, coarse_maps = self.coarse(x)  # the image score stays the fine bank's
             maps = (maps + (self.coarse_map_offset + self.coarse_map_slope * coarse_maps)) / 2
         return image, maps
 

@@ -32,17 +32,14 @@ from .defects import DEFECTS, make_defects
 logger = logging.getLogger(__name__)
 
 #: The grid: name -> PatchCoreConfig fields over the base settings. Small on purpose (each is a fit): the
-#: default (a blocks.2 bank, a blocks.2 + blocks.3 coarse bank and the global branch), the default without its
-#: coarse bank, the default with the coarse bank at half the resolution (a second input scale, for defects
-#: larger than the fine patches), the former default bank alone (blocks.2 + blocks.3, the paper's method), that bank
-#: with the branches, the layers and size that won elsewhere (blocks.4 on grey crops, 256 px for pixel maps,
+#: default (a blocks.2 bank, a blocks.2 + blocks.3 coarse bank for the maps and the global branch; tune ranks
+#: by image AUROC, which the coarse bank does not change, so no candidate varies it), the former default bank
+#: alone (blocks.2 + blocks.3, the paper's method), that bank with the global branch, the layers and size that won elsewhere (blocks.4 on grey crops, 256 px for pixel maps,
 #: issue 12), and multi-level models (a second bank, a branch at 128 px).
 GRID: dict[str, dict[str, Any]] = {
     "default": {},
-    "fine-only": {"coarse_branch": False},
-    "coarse-half": {"coarse_pool": 2},
     "bank-only": {"layers": ["blocks.2", "blocks.3"], "global_branch": False, "coarse_branch": False},
-    "mid": {"layers": ["blocks.2", "blocks.3"], "coarse_branch": False},  # its coarse bank would be its own twin
+    "mid": {"layers": ["blocks.2", "blocks.3"]},  # no coarse bank: it would be the bank's twin
     "deep": {"layers": ["blocks.2", "blocks.4"]},
     "256": {"resize": 256},
     "multilevel": {"level_sets": ["blocks.2+blocks.3"], "global_layers": ["blocks.2"]},
