@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 #: The grid: name -> PatchCoreConfig fields over the base settings. Small on purpose (each is a fit): the
 #: default (a blocks.2 bank, a blocks.2 + blocks.3 coarse bank for the maps and the global branch; tune ranks
 #: by image AUROC, which the coarse bank does not change, so no candidate varies it), the former default bank
-#: alone (blocks.2 + blocks.3, the paper's method), that bank with the global branch, the layers and size that won elsewhere (blocks.4 on grey crops, 256 px for pixel maps,
-#: issue 12), and multi-level models (a second bank, a branch at 128 px).
+#: alone (blocks.2 + blocks.3, the paper's method), that bank with the global branch, the layers and size
+#: that won elsewhere (blocks.4 on grey crops, 256 px for pixel maps, issue 12), and multi-level models (a
+#: second bank, a branch at 128 px).
 GRID: dict[str, dict[str, Any]] = {
     "default": {},
     "bank-only": {"layers": ["blocks.2", "blocks.3"], "global_branch": False, "coarse_branch": False},
