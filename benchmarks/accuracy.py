@@ -149,8 +149,9 @@ def time_pair(
 ) -> dict[str, dict[str, float]]:
     """Fit and prediction cost of several settings on textile, interleaved (A, B, A, B, ...) so that whatever
     else the machine runs weighs on each alike: per setting the median over ``rounds`` of the process CPU
-    seconds (one torch thread) of a fit on the first ``n_images`` training images and of scoring ``n_images``
-    test images per image, and the same as wall seconds."""
+    seconds (one torch thread) of a fit on the first ``n_images`` training images, of scoring ``n_images``
+    test images (per image) and of scoring them with their anomaly maps (``maps``, per image), and the same
+    as wall seconds."""
     import numpy as np
     import torch
 
@@ -159,7 +160,8 @@ def time_pair(
     train, test = dataset.train[:n_images], [s.path for s in dataset.test[:: max(1, len(dataset.test) // n_images)]]
     test = test[:n_images]
     seen: dict[str, dict[str, list[float]]] = {
-        n: {"fit_cpu": [], "fit_wall": [], "predict_cpu": [], "predict_wall": []} for n in names
+        n: {k: [] for k in ("fit_cpu", "fit_wall", "predict_cpu", "predict_wall", "maps_cpu", "maps_wall")}
+        for n in names
     }
     for _ in range(rounds):
         for name in names:
@@ -172,6 +174,11 @@ def time_pair(
             detector.score_samples(test)
             seen[name]["predict_cpu"].append((time.process_time() - cpu) / len(test))
             seen[name]["predict_wall"].append((time.perf_counter() - wall) / len(test))
+            cpu, wall = time.process_time(), time.perf_counter()
+            for result in detector.infer(test, maps=True):
+                result.map()
+            seen[name]["maps_cpu"].append((time.process_time() - cpu) / len(test))
+            seen[name]["maps_wall"].append((time.perf_counter() - wall) / len(test))
     return {n: {k: float(np.median(v)) for k, v in d.items()} for n, d in seen.items()}
 
 
@@ -228,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             t = times[name]
             print(
                 f"{name:16s} fit {t['fit_cpu']:.1f} CPU s ({t['fit_cpu'] / first['fit_cpu']:.2f}x), "
-                f"predict {1000 * t['predict_cpu']:.1f} CPU ms/img ({t['predict_cpu'] / first['predict_cpu']:.2f}x); "
-                f"wall {t['fit_wall']:.1f} s, {1000 * t['predict_wall']:.1f} ms/img"
+                f"predict {1000 * t['predict_cpu']:.1f} CPU ms/img ({t['predict_cpu'] / first['predict_cpu']:.2f}x), "
+                f"with maps {1000 * t['maps_cpu']:.1f} ({t['maps_cpu'] / first['maps_cpu']:.2f}x); "
+                f"wall {t['fit_wall']:.1f} s, {1000 * t['predict_wall']:.1f} / {1000 * t['maps_wall']:.1f} ms/img"
             )
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
