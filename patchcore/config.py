@@ -79,15 +79,14 @@ class PatchCoreConfig:
         much. fit holds out calibration_share of the good images, on which the distance is put onto the
         bank's score scale (equal quartiles); the image score is the larger of the two.
         It costs no backbone work (the bank's own features, averaged). Off: the bank alone, the paper's method.
-    coarse_branch, coarse_layers, coarse_pool: a second bank of a coarser feature level (a single-bank model's):
-        features of coarse_layers (None: the backbone's coarse defaults, for EfficientNet-Lite0 blocks.2 +
-        blocks.3) of the same model inputs, average-pooled coarse_pool x coarse_pool first (1, the default: the
-        same scale; 2: half the resolution, a second input scale), its own coreset at coreset_ratio. Its deeper
-        features see the extent of a defect (uneven regions, long cracks) that the fine bank's small patches see
-        in pieces. Like the global branch it is put onto the bank's score scale on the held-out calibration_share
-        (interquartile ranges matched, upper tails anchored at the 90th percentile: of the image scores, and of
-        the map pixels); the image score is the larger of the two, every map pixel their mean. Off: the fine
-        bank alone.
+    coarse_branch, coarse_layers, coarse_pool: a second bank of a deeper feature level for the anomaly maps (a
+        single-bank model's): features of coarse_layers (None: the backbone's coarse defaults, for
+        EfficientNet-Lite0 blocks.2 + blocks.3; a backbone without them gets no coarse bank) of the same model
+        inputs, average-pooled coarse_pool x coarse_pool first (1, the default: the same scale; 2: half the
+        resolution), its own coreset of a quarter as many rows as the bank's. On the held-out calibration_share
+        its map pixels are put onto the bank's (interquartile ranges matched, upper tails anchored at the 90th
+        percentile), and every map pixel is the mean of the two; the image score stays the bank's. Off: the
+        bank's maps alone.
     input_pool: the model input is average-pooled by this factor before the backbone (1: not at all; 2: features
         of half the input's resolution); maps stay at the input's size. The coarse bank is a model with
         input_pool x coarse_pool.

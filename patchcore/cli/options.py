@@ -109,9 +109,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif field.name == "coarse_branch":
             kwargs.update(
                 action=argparse.BooleanOptionalAction,
-                help="a second bank of deeper features (coarse-layers, coarse-pool), for large or spread-out "
-                "defects and sharper maps; put onto the bank's scale on the held-out images (default: on; "
-                "--no-coarse-branch: the fine bank alone)",
+                help="a second bank of deeper features (coarse-layers, coarse-pool) averaged into the anomaly maps "
+                "(image scores stay the bank's); put onto the bank's scale on the held-out images (default: on; "
+                "--no-coarse-branch: the fine bank's maps alone)",
             )
         elif field.name == "coarse_layers":
             kwargs.update(
