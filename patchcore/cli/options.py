@@ -49,6 +49,15 @@ OVERLAY_HELP = (
 )
 
 
+# the two pooling settings' help (both whole numbers N, an N x N average pool)
+POOL_HELP = {
+    "coarse_pool": "the coarse bank sees the model input average-pooled N x N (default: 1, the same scale; 2: half "
+    "the resolution, for defects larger than a fine patch)",
+    "input_pool": "average-pool the model input N x N before the backbone (features at 1/N resolution, maps at the "
+    "input's size; default: 1)",
+}
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1."""
     value = int(text)
@@ -120,20 +129,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 help="the coarse bank's layers (default: the backbone's coarse defaults, blocks.2 blocks.3 for "
                 "efficientnet_lite0)",
             )
-        elif field.name == "coarse_pool":
-            kwargs.update(
-                type=int,
-                metavar="N",
-                help="the coarse bank sees the model input average-pooled N x N (default: 1, the same scale; 2: "
-                "half the resolution, for defects larger than a fine patch)",
-            )
-        elif field.name == "input_pool":
-            kwargs.update(
-                type=int,
-                metavar="N",
-                help="average-pool the model input N x N before the backbone (features at 1/N resolution, maps "
-                "at the input's size; default: 1)",
-            )
+        elif field.name in POOL_HELP:
+            kwargs.update(type=int, metavar="N", help=POOL_HELP[field.name])
         elif field.name == "image_top_k":
             kwargs.update(
                 type=_optional_int,

@@ -58,7 +58,7 @@ def coarse_config(config: PatchCoreConfig) -> PatchCoreConfig:
         layers=layers,
         coreset_ratio=min(1.0, config.coreset_ratio * pooled / ROW_SHARE),
         coreset_size=None if config.coreset_size is None else max(1, config.coreset_size // ROW_SHARE),
-        image_top_k=max(1, round(config.image_top_k / config.coarse_pool**2)),
+        image_top_k=max(1, round(config.image_top_k / pooled)),
         input_pool=config.input_pool * config.coarse_pool,
         global_branch=False,
         coarse_branch=False,
